@@ -1,0 +1,46 @@
+"""python -m export: GPT-2 -> model.onnx + manifest.json with in-place KV-cache I/O."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .source import NAMED_CONFIGS
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export a GPT-2 model to ONNX with per-layer KV-cache I/O (past/present share one "
+                    "buffer, updated in place), write manifest.json beside it, and check the logits "
+                    "against PyTorch (the export fails when they differ).")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="DIR_OR_HUB_ID",
+                     help="a Hugging Face GPT-2 checkpoint (local folder, or a hub id where a hub is reachable)")
+    src.add_argument("--config", metavar="NAME_OR_JSON",
+                     help=f"random weights for a named config ({', '.join(NAMED_CONFIGS)}) or a GPT2Config JSON file")
+    ap.add_argument("--seed", type=int, default=0, help="seed for random weights with --config (default 0)")
+    ap.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced if it exists)")
+    ap.add_argument("--parity-rtol", type=float, default=1e-4,
+                    help="parity tolerance: max |ort - torch| <= RTOL * max(1, max |logit|) (default 1e-4)")
+    args = ap.parse_args(argv)
+
+    from .parity import ParityError
+    from .pipeline import export_gpt2
+    from .source import load_source
+
+    try:
+        print("loading the source model ...", flush=True)
+        hf, desc, tok_dir = load_source(model=args.model, config=args.config, seed=args.seed)
+        export_gpt2(hf, args.out, source=desc, tokenizer_dir=tok_dir, parity_rtol=args.parity_rtol,
+                    log=lambda s: print(s, flush=True))
+    except ParityError as e:
+        print(f"export FAILED: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

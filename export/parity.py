@@ -1,0 +1,46 @@
+"""The exported model against GPT2LMHeadModel: a batched prompt, then single-token steps."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class ParityError(RuntimeError):
+    """The exported model's logits differ from PyTorch's beyond the tolerance."""
+
+
+def check_parity(hf_model, model_dir, *, prompt_len: int = 8, steps: int = 8, batch: int = 2,
+                 rtol: float = 1e-4, seed: int = 1234) -> dict:
+    """Decodes through KVCacheInferencer (the runtime path, shared past/present buffers) and
+    compares every step's last-position logits with GPT2LMHeadModel on the whole sequence.
+
+    Tolerance: max |ort - torch| <= rtol * max(1, max |torch logits|) (absolute 1e-4 for
+    logits of order 1). Raises ParityError with the worst position when it fails."""
+    import torch
+
+    from kvcache_infer import KVCacheInferencer
+
+    cfg = hf_model.config
+    total = min(prompt_len + steps, cfg.n_positions)
+    prompt_len = min(prompt_len, total - 1)
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.vocab_size, size=(batch, total), dtype=np.int64)
+    with torch.no_grad():
+        ref = hf_model(torch.from_numpy(tokens)).logits.float().numpy()  # [B,T,V]
+    inf = KVCacheInferencer(model_dir, max_seq_len=total, batch_size=batch)
+    got = [inf.forward(tokens[:, :prompt_len])]
+    for t in range(prompt_len, total):
+        got.append(inf.forward(tokens[:, t:t + 1]))
+    got = np.stack(got, axis=1)                     # [B, 1 + steps, V]
+    want = ref[:, prompt_len - 1:]
+    diff = np.abs(got - want)
+    scale = max(1.0, float(np.abs(want).max()))
+    tol = rtol * scale
+    worst = np.unravel_index(int(diff.argmax()), diff.shape)
+    result = {"max_abs_diff": float(diff.max()), "logit_scale": scale, "tolerance": tol,
+              "prompt_len": prompt_len, "steps": total - prompt_len, "batch": batch,
+              "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean())}
+    if not diff.max() <= tol:
+        raise ParityError(
+            f"exported logits differ from GPT2LMHeadModel: max |diff| = {diff.max():.3e} > tolerance {tol:.3e} "
+            f"(row {worst[0]}, position {prompt_len - 1 + worst[1]}, token {worst[2]})")
+    return result

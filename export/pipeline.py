@@ -1,0 +1,98 @@
+"""Export = build the graph, write model.onnx + manifest.json, check parity, then publish."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+from .gpt2 import build_gpt2_graph
+from .parity import check_parity
+from .source import TOKENIZER_FILES
+
+
+@contextmanager
+def _step(what: str, log):
+    t0 = time.perf_counter()
+    log(f"  {what} ...")
+    yield
+    log(f"  {what}: done in {time.perf_counter() - t0:.1f} s")
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
+
+
+def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: Path | None = None,
+                dtype: str = "float32", parity_rtol: float = 1e-4, log=print) -> Path:
+    """Writes OUT/model.onnx and OUT/manifest.json for a GPT2LMHeadModel.
+
+    Files are written to OUT.partial/ and moved to OUT/ only after the parity check passes; on a
+    failed check they stay in OUT.failed/ and ParityError propagates. Returns OUT."""
+    import onnx
+
+    from kvcache_infer.manifest import Manifest
+
+    out = Path(out_dir)
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cfg = hf_model.config
+    E, N, L = cfg.n_embd, cfg.n_head, cfg.n_layer
+    log(f"exporting GPT-2 ({L} layers, {N} heads, hidden {E}, vocab {cfg.vocab_size}, "
+        f"{cfg.n_positions} positions, {sum(p.numel() for p in hf_model.parameters()) / 1e6:.1f}M params)")
+    with _step("building the graph", log):
+        state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+        model, names = build_gpt2_graph(cfg, state, dtype=dtype)
+        del state
+    with _step("checking the graph (onnx.checker)", log):
+        onnx.checker.check_model(model)
+    path = work / "model.onnx"
+    with _step(f"writing {path.name}", log):
+        onnx.save_model(model, str(path))
+        del model
+    manifest = Manifest(
+        num_layers=L, num_heads=N, num_kv_heads=N, head_dim=E // N, hidden_size=E, vocab_size=cfg.vocab_size,
+        max_positions=cfg.n_positions, dtype=dtype, layout="inplace", input_ids=names["input_ids"],
+        position_ids=names["position_ids"], attention_mask=None, logits=names["logits"],
+        past_key=tuple(names["past_key"]), past_value=tuple(names["past_value"]),
+        present_key=tuple(names["present_key"]), present_value=tuple(names["present_value"]),
+        model_file=path.name, model_bytes=path.stat().st_size)
+    record = manifest.to_json()
+    record.update({"source": source, "exporter": _versions(), "opset": 17})
+    (work / "manifest.json").write_text(json.dumps(record, indent=2) + "\n")
+    copied = []
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, work / name)
+                copied.append(name)
+    with _step("parity against GPT2LMHeadModel (prompt + single-token steps, batch 2)", log):
+        try:
+            parity = check_parity(hf_model, work, rtol=parity_rtol)
+        except Exception:
+            failed = out.with_name(out.name + ".failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            work.rename(failed)
+            log(f"  PARITY FAILED: the files are kept in {failed} for inspection; nothing was written to {out}")
+            raise
+    log(f"  parity: max |diff| {parity['max_abs_diff']:.2e} <= tolerance {parity['tolerance']:.2e}, "
+        f"top-1 agreement {100 * parity['top1_agreement']:.1f}%")
+    record["parity"] = parity
+    (work / "manifest.json").write_text(json.dumps(record, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    log(f"wrote {out / 'model.onnx'} ({(out / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
+    log(f"wrote {out / 'manifest.json'}")
+    for name in copied:
+        log(f"copied {out / name}")
+    return out

@@ -1,0 +1,25 @@
+"""One exception hierarchy. Every error says what was expected, what arrived and how to fix it."""
+
+
+class KVCacheError(Exception):
+    """Base of every error raised by kvcache_infer."""
+
+
+class InvalidInputError(KVCacheError, ValueError):
+    """A caller passed token ids or arguments of the wrong shape, type or range."""
+
+
+class CapacityError(InvalidInputError):
+    """A step would write past the cache capacity (max_seq_len)."""
+
+
+class ModelFormatError(KVCacheError):
+    """The model file or its manifest is missing, unreadable, or lacks the KV-cache I/O."""
+
+
+class DeviceError(KVCacheError, RuntimeError):
+    """The requested device or execution provider is unknown or cannot be loaded."""
+
+
+class ModelNotFoundError(ModelFormatError, FileNotFoundError):
+    """The model path does not exist or holds no model file."""

@@ -1,0 +1,205 @@
+"""KVCacheInferencer: one sequence (or one lockstep batch) decoding against a resident KV cache."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .cache import NP_DTYPE, DeviceBuffer, make_cache
+from .errors import CapacityError, InvalidInputError, KVCacheError
+from .metrics import LatencyTracker, MemoryProfile, Metrics
+from .model import Model
+
+
+class KVCacheInferencer:
+    """Feeds tokens through a Model while its per-layer KV cache stays on the device.
+
+    Args:
+        model: a Model, or a path to build one from (then device/device_id/intra_op_threads apply).
+        device: "cpu" or "cuda" (default: the Model's device, else "cpu").
+        max_seq_len: cache capacity in tokens per sequence; default and upper bound: the model's
+            position limit (manifest `max_positions`).
+        batch_size: rows decoded in lockstep; every forward() gets exactly this many rows.
+
+    What never changes after construction: the cache buffers (same device addresses until the
+    object dies), the bound one-token step, the preallocated id/position/logits buffers.
+    What forward() changes: the cache rows it writes and the position.
+    """
+
+    def __init__(self, model: Model | str | Path, *, device: str | None = None, device_id: int = 0,
+                 max_seq_len: int | None = None, batch_size: int = 1, intra_op_threads: int | None = None,
+                 session_options: ort.SessionOptions | None = None):
+        if isinstance(model, Model):
+            if device is not None and device != model.device:
+                raise InvalidInputError(f"device={device!r} but the Model was loaded for {model.device!r}; "
+                                        "load the Model with the device you want")
+        else:
+            model = Model(model, device=device or "cpu", device_id=device_id,
+                          intra_op_threads=intra_op_threads, session_options=session_options)
+        m = model.manifest
+        self.model, self.manifest = model, m
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if max_seq_len is None:
+            max_seq_len = m.max_positions
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, (int, np.integer)) or max_seq_len < 1:
+            raise InvalidInputError(f"max_seq_len must be an int >= 1, got {max_seq_len!r}")
+        if max_seq_len > m.max_positions:
+            raise InvalidInputError(
+                f"max_seq_len={max_seq_len} exceeds the model's position limit max_positions={m.max_positions} "
+                f"({m.source}); use max_seq_len <= {m.max_positions}")
+        self.batch_size, self.capacity = int(batch_size), int(max_seq_len)
+        dev, did = model.device, model.device_id
+        self.cache = make_cache(m, self.batch_size, self.capacity, dev, did)
+
+        B, V = self.batch_size, m.vocab_size
+        # One-token step: ids, positions and logits live in fixed buffers bound once.
+        self._ids = DeviceBuffer((B, 1), np.int64, dev, did, fill=0)
+        self._pos_ids = DeviceBuffer((B, 1), np.int64, dev, did, fill=0)
+        self._logits = DeviceBuffer((B, 1, V), NP_DTYPE[m.dtype], dev, did)
+        self._step_io = model.session.io_binding()
+        self._step_io.bind_ortvalue_output(m.logits, self._logits.ortvalue)
+        self._step_io.bind_ortvalue_input(m.input_ids, self._ids.ortvalue)
+        if m.position_ids:
+            self._step_io.bind_ortvalue_input(m.position_ids, self._pos_ids.ortvalue)
+        self.cache.bind(self._step_io)
+        # Multi-token chunks: inputs and logits change shape, so they are bound per call.
+        self._chunk_io = model.session.io_binding()
+        self._chunk_io.bind_output(m.logits, dev, did)
+        self.cache.bind(self._chunk_io)
+        self._host_step_ids = np.zeros((B, 1), np.int64)  # staging for CUDA's update_inplace
+
+        self._position = 0
+        self._latency = LatencyTracker()
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """Tokens held per sequence; the next forward() writes from this row."""
+        return self._position
+
+    @property
+    def device(self) -> str:
+        return self.model.device
+
+    def reset_cache(self) -> None:
+        """Starts a new sequence: position 0, metrics cleared. Nothing is reallocated or cleared:
+        rows at and past the position are never read, so nothing of the old sequence is visible."""
+        self._position = 0
+        self._latency.reset()
+
+    # -- the hot path ----------------------------------------------------------------------------
+    def forward(self, token_ids) -> np.ndarray:
+        """Runs a chunk of n >= 1 new tokens per row and returns the last position's logits.
+
+        token_ids: a 1-D sequence of ints (batch_size 1) or a [batch_size, n] integer array.
+        Returns float32 numpy logits, [V] for 1-D input, [batch_size, V] for 2-D input (a fresh
+        array the caller owns). Changes in place: cache rows [position, position + n), position += n.
+        On any error nothing observable changes (rows [0, position) and the position stay as they were).
+        """
+        ids, squeeze = self._check_ids(token_ids)
+        n = ids.shape[1]
+        pos = self._position
+        t0 = time.perf_counter()
+        if n == 1:
+            io = self._step_io
+            self._write_step_inputs(ids, pos)
+        else:
+            io = self._chunk_io
+            self._bind_chunk_inputs(ids, pos)
+        self.cache.prepare(io, pos, n)
+        try:
+            self.model.session.run_with_iobinding(io)
+        except Exception as e:
+            raise KVCacheError(f"ONNX Runtime failed running {n} token(s) at position {pos}: {e}; "
+                               "the cache and position are unchanged") from e
+        logits = self._logits.to_host()[:, 0] if n == 1 else io.get_outputs()[0].numpy()[:, -1]
+        out = np.array(logits[0] if squeeze else logits, dtype=np.float32)  # copy: buffers are reused
+        self.cache.commit()
+        self._position = pos + n
+        self._latency.record((time.perf_counter() - t0) * 1e3, n)
+        return out
+
+    def _write_step_inputs(self, ids: np.ndarray, pos: int) -> None:
+        if self._ids.host is not None:                  # CPU: the bound arrays are these numpy arrays
+            self._ids.host[:] = ids
+            self._pos_ids.host.fill(pos)
+        else:                                           # CUDA: copy into the bound device buffers
+            self._host_step_ids[:] = ids
+            self._ids.ortvalue.update_inplace(self._host_step_ids)
+            self._pos_ids.ortvalue.update_inplace(np.full((self.batch_size, 1), pos, np.int64))
+
+    def _bind_chunk_inputs(self, ids: np.ndarray, pos: int) -> None:
+        m, io = self.manifest, self._chunk_io
+        io.bind_cpu_input(m.input_ids, np.ascontiguousarray(ids, dtype=np.int64))
+        if m.position_ids:
+            positions = np.broadcast_to(np.arange(pos, pos + ids.shape[1], dtype=np.int64), ids.shape)
+            io.bind_cpu_input(m.position_ids, np.ascontiguousarray(positions))
+        io.bind_output(m.logits, self.model.device, self.model.device_id)  # the shape changes per call
+
+    def _check_ids(self, token_ids) -> tuple[np.ndarray, bool]:
+        """Validates without touching any state; returns ([batch_size, n] ids, squeeze flag)."""
+        try:
+            a = token_ids if isinstance(token_ids, np.ndarray) else np.asarray(token_ids)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise InvalidInputError(f"token_ids must be a 1-D sequence or a [batch_size, n] array of ints; "
+                                    f"could not read {type(token_ids).__name__}: {e}") from None
+        if a.dtype.kind not in "iu":
+            what = "empty input" if a.size == 0 else f"dtype {a.dtype}"
+            raise InvalidInputError(
+                f"token_ids must be integers (expected an int array or a list of ints), got {what}; "
+                "ids are never converted silently: cast them yourself if that is what you mean"
+                if a.size else "token_ids is empty: pass at least one token id")
+        B = self.batch_size
+        if a.ndim == 1:
+            if B != 1:
+                raise InvalidInputError(f"got a 1-D sequence but batch_size={B}; pass a [{B}, n] array")
+            a, squeeze = a[None, :], True
+        elif a.ndim == 2:
+            if a.shape[0] != B:
+                raise InvalidInputError(f"got {a.shape[0]} rows but batch_size={B}; pass a [{B}, n] array")
+            squeeze = False
+        else:
+            raise InvalidInputError(f"token_ids must be 1-D or 2-D [batch_size, n], got shape {a.shape}")
+        n = a.shape[1]
+        if n == 0:
+            raise InvalidInputError("token_ids is empty: pass at least one token id per row")
+        if self._position + n > self.capacity:
+            raise CapacityError(
+                f"{n} token(s) at position {self._position} would exceed the cache capacity of {self.capacity} "
+                f"tokens (max_seq_len={self.capacity}); call reset_cache() or construct with a larger "
+                f"max_seq_len (model limit {self.manifest.max_positions})")
+        lo, hi = int(a.min()), int(a.max())
+        V = self.manifest.vocab_size
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise InvalidInputError(f"token id {bad} is outside the vocabulary [0, {V})")
+        return a, squeeze
+
+    # -- reporting -------------------------------------------------------------------------------
+    @property
+    def metrics(self) -> Metrics:
+        return self._latency.snapshot(self._position, self.batch_size)
+
+    def print_metrics(self) -> None:
+        print(self.metrics.report())
+
+    def memory_profile(self) -> MemoryProfile:
+        m, c = self.manifest, self.cache
+        per_token = m.cache_bytes_per_token
+        tokens = self._position * self.batch_size
+        used = tokens * per_token
+        io_bytes = self._ids.nbytes + self._pos_ids.nbytes + self._logits.nbytes
+        if hasattr(c, "mask"):
+            io_bytes += c.mask.nbytes
+        return MemoryProfile(
+            layout=c.layout, device=self.device, dtype=m.dtype, total_cache_bytes=c.nbytes,
+            used_cache_bytes=used, free_cache_bytes=c.nbytes - used, bytes_per_token=per_token,
+            tokens=tokens, capacity_tokens=self.capacity * self.batch_size, active_sequences=self.batch_size,
+            io_buffer_bytes=io_bytes)
+
+    def __repr__(self) -> str:
+        return (f"KVCacheInferencer(position={self._position}, capacity={self.capacity}, "
+                f"batch_size={self.batch_size}, {self.model!r})")

@@ -1,0 +1,229 @@
+"""The manifest: geometry, dtype, cache layout and I/O names of an exported model.
+
+Our exporter writes `manifest.json` beside `model.onnx`. A model exported by Optimum has none; its
+manifest is then derived from the graph's declared I/O (names `past_key_values.{i}.key`,
+`present.{i}.key`, `attention_mask`) and the `config.json` Optimum saves beside it. Either way the
+manifest is checked against the graph before anything runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from .errors import ModelFormatError
+
+FORMAT = "kvcache-infer/manifest"
+FORMAT_VERSION = 1
+LAYOUTS = ("inplace", "growing")
+DTYPES = ("float32", "float16")
+ORT_TYPE_TO_DTYPE = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What never changes about a model. Cache tensors are [batch, num_kv_heads, length, head_dim]."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    dtype: str                      # cache and logits element type
+    layout: str                     # "inplace": past/present share one buffer; "growing": present = past + new
+    input_ids: str
+    position_ids: str | None
+    attention_mask: str | None      # only the growing layout has one
+    logits: str
+    past_key: tuple[str, ...]
+    past_value: tuple[str, ...]
+    present_key: tuple[str, ...]
+    present_value: tuple[str, ...]
+    model_file: str = "model.onnx"
+    model_bytes: int | None = None  # size of model_file when exported: a cheap truncation check
+    source: str = "manifest.json"   # where this manifest came from
+
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """K and V bytes one token of one sequence occupies, summed over layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * _itemsize(self.dtype)
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_file": self.model_file,
+            "model_bytes": self.model_bytes,
+            "architecture": "gpt2",
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "max_positions": self.max_positions,
+            "dtype": self.dtype,
+            "cache": {
+                "layout": self.layout,
+                "shape": ["batch", "num_kv_heads", "capacity", "head_dim"],
+                "write_rows": "position_ids" if self.layout == "inplace" else "appended",
+            },
+            "io": {
+                "input_ids": self.input_ids,
+                "position_ids": self.position_ids,
+                "attention_mask": self.attention_mask,
+                "logits": self.logits,
+                "past_key": list(self.past_key),
+                "past_value": list(self.past_value),
+                "present_key": list(self.present_key),
+                "present_value": list(self.present_value),
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "manifest.json") -> "Manifest":
+        if data.get("format") != FORMAT:
+            raise ModelFormatError(f"{source}: expected format {FORMAT!r}, found {data.get('format')!r}")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ModelFormatError(
+                f"{source}: format_version {data.get('format_version')!r} is not supported (expected "
+                f"{FORMAT_VERSION}); re-export the model with this version of kvcache-infer")
+        try:
+            io, cache = data["io"], data["cache"]
+            m = cls(
+                num_layers=int(data["num_layers"]), num_heads=int(data["num_heads"]),
+                num_kv_heads=int(data["num_kv_heads"]), head_dim=int(data["head_dim"]),
+                hidden_size=int(data["hidden_size"]), vocab_size=int(data["vocab_size"]),
+                max_positions=int(data["max_positions"]), dtype=str(data["dtype"]),
+                layout=str(cache["layout"]), input_ids=io["input_ids"], position_ids=io.get("position_ids"),
+                attention_mask=io.get("attention_mask"), logits=io["logits"],
+                past_key=tuple(io["past_key"]), past_value=tuple(io["past_value"]),
+                present_key=tuple(io["present_key"]), present_value=tuple(io["present_value"]),
+                model_file=data.get("model_file", "model.onnx"), model_bytes=data.get("model_bytes"),
+                source=source,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFormatError(f"{source}: malformed manifest ({type(e).__name__}: {e})") from None
+        m.check_self()
+        return m
+
+    def check_self(self) -> None:
+        """Internal consistency; raises ModelFormatError."""
+        bad = []
+        if self.layout not in LAYOUTS:
+            bad.append(f"cache layout {self.layout!r} not in {LAYOUTS}")
+        if self.dtype not in DTYPES:
+            bad.append(f"dtype {self.dtype!r} not in {DTYPES}")
+        for name in ("past_key", "past_value", "present_key", "present_value"):
+            if len(getattr(self, name)) != self.num_layers:
+                bad.append(f"{len(getattr(self, name))} {name} names for {self.num_layers} layers")
+        for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions"):
+            if getattr(self, name) < 1:
+                bad.append(f"{name}={getattr(self, name)}")
+        if self.layout == "growing" and not self.attention_mask:
+            bad.append("the growing layout needs an attention_mask input")
+        if bad:
+            raise ModelFormatError(f"{self.source}: inconsistent manifest: " + "; ".join(bad))
+
+    def check_graph(self, inputs: dict, outputs: dict) -> None:
+        """Checks the manifest against a session's declared I/O ({name: NodeArg}).
+
+        Raises ModelFormatError listing every missing name and every contradicting dimension."""
+        need_in = [self.input_ids, *self.past_key, *self.past_value]
+        need_in += [n for n in (self.position_ids, self.attention_mask) if n]
+        need_out = [self.logits, *self.present_key, *self.present_value]
+        missing = [f"input {n!r}" for n in need_in if n not in inputs]
+        missing += [f"output {n!r}" for n in need_out if n not in outputs]
+        if missing:
+            raise ModelFormatError(
+                f"the model lacks the KV-cache I/O its manifest ({self.source}) promises: missing "
+                + ", ".join(missing) + ". Export it with `python -m export` to get a model with KV-cache I/O.")
+        bad = []
+        for name in (*self.past_key, *self.past_value, *self.present_key, *self.present_value):
+            arg = inputs.get(name) or outputs.get(name)
+            shape, dtype = arg.shape, ORT_TYPE_TO_DTYPE.get(arg.type, arg.type)
+            if dtype != self.dtype:
+                bad.append(f"{name} is {dtype}, manifest says {self.dtype}")
+            if len(shape) != 4:
+                bad.append(f"{name} has rank {len(shape)}, expected 4 [batch, heads, length, head_dim]")
+                continue
+            for axis, want in ((1, self.num_kv_heads), (3, self.head_dim)):
+                if isinstance(shape[axis], int) and shape[axis] != want:
+                    bad.append(f"{name} dim {axis} is {shape[axis]}, manifest says {want}")
+        lshape = outputs[self.logits].shape
+        if lshape and isinstance(lshape[-1], int) and lshape[-1] != self.vocab_size:
+            bad.append(f"{self.logits} last dim is {lshape[-1]}, manifest says vocab_size={self.vocab_size}")
+        if bad:
+            raise ModelFormatError(f"the manifest ({self.source}) contradicts the graph: " + "; ".join(bad))
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "float16": 2}[dtype]
+
+
+def load_manifest(model_dir: Path) -> Manifest | None:
+    """Reads DIR/manifest.json, or returns None when there is none."""
+    path = model_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{path}: not readable JSON ({e})") from None
+    return Manifest.from_json(data, source=str(path))
+
+
+_OPTIMUM_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+def manifest_from_graph(inputs: dict, outputs: dict, config_path: Path, model_file: str) -> Manifest:
+    """Builds a manifest for an Optimum-style GPT-2 export from its declared I/O and config.json."""
+    layers = sorted({int(m.group(1)) for n in inputs if (m := _OPTIMUM_PAST.match(n))})
+    if not layers:
+        kv_like = [n for n in inputs if "past" in n]
+        raise ModelFormatError(
+            "the model has no manifest.json and no KV-cache inputs named past_key_values.{i}.key/value "
+            f"(KV-like inputs found: {kv_like or 'none'}; all inputs: {sorted(inputs)}). Export it with "
+            "`python -m export`, or with Optimum's text-generation-with-past task.")
+    n = len(layers)
+    if layers != list(range(n)):
+        raise ModelFormatError(f"past_key_values layers are not 0..{n - 1}: found {layers}")
+    past_key = tuple(f"past_key_values.{i}.key" for i in range(n))
+    past_value = tuple(f"past_key_values.{i}.value" for i in range(n))
+    present_key = tuple(f"present.{i}.key" for i in range(n))
+    present_value = tuple(f"present.{i}.value" for i in range(n))
+    shape = inputs[past_key[0]].shape
+    if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
+        raise ModelFormatError(f"{past_key[0]} has shape {shape}; expected [batch, heads, past, head_dim] "
+                               "with static heads and head_dim")
+    logits = "logits"
+    if logits not in outputs:
+        raise ModelFormatError(f"the model has no 'logits' output (outputs: {sorted(outputs)})")
+    vocab = outputs[logits].shape[-1]
+    max_positions = hidden = None
+    if config_path.is_file():
+        cfg = json.loads(config_path.read_text())
+        max_positions = cfg.get("n_positions") or cfg.get("max_position_embeddings")
+        hidden = cfg.get("n_embd") or cfg.get("hidden_size")
+        vocab = vocab if isinstance(vocab, int) else cfg.get("vocab_size")
+    if not isinstance(max_positions, int) or not isinstance(vocab, int):
+        raise ModelFormatError(
+            f"cannot tell the position limit or vocab size of this model: no manifest.json and no usable "
+            f"{config_path}; write a manifest.json (see docs) or export with `python -m export`")
+    dtype = ORT_TYPE_TO_DTYPE.get(inputs[past_key[0]].type)
+    if dtype is None:
+        raise ModelFormatError(f"{past_key[0]} has unsupported type {inputs[past_key[0]].type}")
+    m = Manifest(
+        num_layers=n, num_heads=shape[1], num_kv_heads=shape[1], head_dim=shape[3],
+        hidden_size=hidden or shape[1] * shape[3], vocab_size=vocab, max_positions=max_positions, dtype=dtype,
+        layout="growing", input_ids="input_ids",
+        position_ids="position_ids" if "position_ids" in inputs else None,
+        attention_mask="attention_mask" if "attention_mask" in inputs else None,
+        logits=logits, past_key=past_key, past_value=past_value, present_key=present_key,
+        present_value=present_value, model_file=model_file, source=f"graph I/O + {config_path.name}",
+    )
+    m.check_self()
+    return m

@@ -1,0 +1,102 @@
+"""Model: what never changes — one ONNX Runtime session, its manifest and its device.
+
+A Model is immutable and may be shared by any number of KVCacheInferencer objects (each holds its
+own cache, position and bindings); ORT sessions allow concurrent `run` calls.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .errors import DeviceError, ModelFormatError, ModelNotFoundError
+from .manifest import Manifest, load_manifest, manifest_from_graph
+
+DEVICES = ("cpu", "cuda")
+
+
+def _resolve(path: str | Path) -> tuple[Path, Path]:
+    """(model directory, model file) for a directory holding model.onnx or a path to an .onnx file."""
+    p = Path(path)
+    if p.is_dir():
+        manifest = load_manifest(p)
+        name = manifest.model_file if manifest else "model.onnx"
+        f = p / name
+        if not f.is_file():
+            found = sorted(x.name for x in p.glob("*.onnx"))
+            raise ModelNotFoundError(
+                f"{p} has no {name} (ONNX files there: {found or 'none'}); export one with "
+                f"`python -m export --config gpt2 --out {p}`")
+        return p, f
+    if p.is_file():
+        return p.parent, p
+    raise ModelNotFoundError(f"model path {p} does not exist; export one with `python -m export --out {p}`")
+
+
+class Model:
+    """An ONNX Runtime session plus the manifest that describes its KV-cache I/O.
+
+    Args:
+        path: a directory with model.onnx (and manifest.json, or Optimum's config.json), or an .onnx file.
+        device: "cpu" or "cuda". CUDA must really load: a silent fallback to the CPU raises DeviceError.
+        device_id: the CUDA device ordinal.
+        intra_op_threads: ORT intra-op threads (None: ORT's default, one per physical core).
+        session_options: a prepared ort.SessionOptions (threads above still apply when given).
+    """
+
+    def __init__(self, path: str | Path, *, device: str = "cpu", device_id: int = 0,
+                 intra_op_threads: int | None = None, session_options: ort.SessionOptions | None = None):
+        if device not in DEVICES:
+            raise DeviceError(f"unknown device {device!r}; expected one of {DEVICES}")
+        if not isinstance(device_id, int) or device_id < 0:
+            raise DeviceError(f"device_id must be a non-negative int, got {device_id!r}")
+        self.dir, self.file = _resolve(path)
+        manifest = load_manifest(self.dir)
+        size = self.file.stat().st_size
+        if manifest and manifest.model_bytes is not None and size != manifest.model_bytes:
+            raise ModelFormatError(
+                f"{self.file} is {size} bytes but its manifest says {manifest.model_bytes}: the file is "
+                "truncated or was replaced; export it again")
+        self.device, self.device_id = device, device_id
+
+        so = session_options or ort.SessionOptions()
+        if intra_op_threads is not None:
+            if not isinstance(intra_op_threads, int) or intra_op_threads < 1:
+                raise ValueError(f"intra_op_threads must be an int >= 1, got {intra_op_threads!r}")
+            so.intra_op_num_threads = intra_op_threads
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise DeviceError(
+                    f"device='cuda' but this onnxruntime build ({ort.__version__}) has no CUDA provider "
+                    f"(available: {ort.get_available_providers()}); install kvcache-infer[gpu] "
+                    "(onnxruntime-gpu) instead of onnxruntime")
+            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(self.file), so, providers=providers)
+        except Exception as e:  # ORT raises several types for a bad file: report them as one
+            raise ModelFormatError(f"ONNX Runtime cannot load {self.file}: {type(e).__name__}: {e}") from None
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise DeviceError(
+                f"asked for CUDA but ONNX Runtime fell back to {self.session.get_providers()}: the CUDA "
+                "provider failed to load (check CUDA/cuDNN libraries and LD_LIBRARY_PATH)")
+
+        inputs = {a.name: a for a in self.session.get_inputs()}
+        outputs = {a.name: a for a in self.session.get_outputs()}
+        if manifest is None:
+            manifest = manifest_from_graph(inputs, outputs, self.dir / "config.json", self.file.name)
+        manifest.check_graph(inputs, outputs)
+        extra = sorted(set(inputs) - {manifest.input_ids, manifest.position_ids, manifest.attention_mask,
+                                      *manifest.past_key, *manifest.past_value})
+        if extra:
+            raise ModelFormatError(f"the graph has inputs the manifest does not describe: {extra}")
+        self.manifest: Manifest = manifest
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"Model({str(self.file)!r}, device={self.device!r}, layers={m.num_layers}, heads={m.num_heads}, "
+                f"head_dim={m.head_dim}, vocab={m.vocab_size}, layout={m.layout!r}, dtype={m.dtype!r})")

@@ -1,0 +1,81 @@
+"""The exporter: a manifest that matches the graph, a compact graph, and loud parity failures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import export.pipeline
+from export.parity import ParityError
+from export.pipeline import export_gpt2
+
+from .conftest import make_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_manifest_records_geometry_layout_io_and_parity(exported):
+    data = json.loads((exported["tiny-b"] / "manifest.json").read_text())
+    assert (data["num_layers"], data["num_heads"], data["head_dim"], data["vocab_size"]) == (3, 2, 24, 517)
+    assert data["max_positions"] == 96 and data["dtype"] == "float32" and data["cache"]["layout"] == "inplace"
+    assert data["io"]["past_key"] == ["past_key_0", "past_key_1", "past_key_2"]
+    assert data["io"]["present_value"][-1] == "present_value_2"
+    assert data["parity"]["max_abs_diff"] <= data["parity"]["tolerance"]
+    assert data["model_bytes"] == (exported["tiny-b"] / "model.onnx").stat().st_size
+
+
+def test_graph_is_compact_and_stores_the_tied_embedding_once(exported):
+    model = onnx.load(str(exported["tiny-a"] / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("SkipLayerNormalization") == 5
+    assert not {"Concat", "Transpose", "Softmax"} & set(ops)      # no copy of the past, no unfused attention
+    sizes = sorted((int(np.prod(t.dims)) for t in model.graph.initializer), reverse=True)
+    assert sizes.count(1000 * 64) == 1                                # wte [V,E] once, used by Gather and lm_head
+    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    assert {a.name: a.f for a in gqa.attribute if a.name == "scale"} == {"scale": 1.0}
+
+
+def test_parity_failure_fails_the_export_loudly(tmp_path, monkeypatch):
+    real = export.pipeline.build_gpt2_graph
+
+    def corrupted(*a, **k):
+        model, names = real(*a, **k)
+        for t in model.graph.initializer:
+            if t.name == "ln_f/gamma":
+                arr = onnx.numpy_helper.to_array(t) * 1.01
+                t.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), t.name))
+        return model, names
+
+    monkeypatch.setattr(export.pipeline, "build_gpt2_graph", corrupted)
+    with pytest.raises(ParityError, match="differ from GPT2LMHeadModel"):
+        export_gpt2(make_hf("tiny-a"), tmp_path / "out", source={}, log=lambda s: None)
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.failed" / "model.onnx").is_file()
+
+
+def test_unsupported_config_is_refused(tmp_path):
+    hf = make_hf("tiny-a")
+    hf.config.activation_function = "relu"
+    with pytest.raises(ValueError, match="activation_function='relu'"):
+        export_gpt2(hf, tmp_path / "out", source={}, log=lambda s: None)
+
+
+def test_cli_exports_a_named_config_and_a_checkpoint(tmp_path):
+    out = tmp_path / "tiny"
+    r = subprocess.run([sys.executable, "-m", "export", "--config", "tiny", "--seed", "3", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "parity: max |diff|" in r.stdout and f"wrote {out / 'model.onnx'}" in r.stdout
+    hf = make_hf("tiny-b")
+    hf.save_pretrained(tmp_path / "ckpt")
+    r = subprocess.run([sys.executable, "-m", "export", "--model", str(tmp_path / "ckpt"), "--out",
+                        str(tmp_path / "from_ckpt")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "from_ckpt" / "manifest.json").read_text())["num_layers"] == 3
+    r = subprocess.run([sys.executable, "-m", "export", "--config", "nope", "--out", str(tmp_path / "x")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "neither a named config" in r.stderr
