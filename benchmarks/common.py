@@ -1,0 +1,47 @@
+"""What every benchmark records: versions, machine, threads; and the median/min/max summary."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+
+def summarize(ms: list[float]) -> dict:
+    a = np.asarray(ms, dtype=np.float64)
+    return {"median_ms": float(np.median(a)), "min_ms": float(a.min()), "max_ms": float(a.max()), "n": int(a.size)}
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(threads: int) -> dict:
+    import onnxruntime as ort
+
+    import kvcache_infer
+    return {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.latency", *sys.argv[1:]]),
+        "python": sys.version.split()[0], "numpy": np.__version__, "onnxruntime": ort.__version__,
+        "kvcache_infer": kvcache_infer.__version__, "platform": platform.platform(), "cpu": cpu_name(),
+        "logical_cpus": os.cpu_count(), "intra_op_threads": threads, "inter_op_threads": 1,
+    }
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
