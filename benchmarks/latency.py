@@ -7,7 +7,8 @@ All systems run in this one process, one after another, on the same weights, thr
   no-cache          our export, the whole prefix recomputed for every new token
 
 Workload per position p: reset, prefill p - W tokens (untimed), W warm-up steps, then S timed
-one-token steps (greedy ids), repeated R times; medians with min/max over the R x S steps. Only
+one-token steps (greedy ids), repeated R times (repeats outermost, positions and systems
+interleaved inside); medians with min/max over the R x S steps. Only
 generated tokens are counted. First-token latency: a P-token prompt, median of R.
 
     python -m benchmarks.latency --model models/gpt2 --optimum models/gpt2-optimum --threads 2
@@ -98,9 +99,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--positions", type=int, nargs="+", default=[32, 128, 512, 1000])
     ap.add_argument("--prompt-len", type=int, default=32, help="P for first-token latency")
-    ap.add_argument("--steps", type=int, default=24, help="timed steps per repeat")
+    ap.add_argument("--steps", type=int, default=16, help="timed steps per repeat")
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--nocache-repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/latency_cpu.json"))
     a = ap.parse_args()
@@ -129,9 +130,10 @@ def main() -> None:
                             "warmup": a.warmup, "repeats": a.repeats, "token_ids": "random prompt, greedy steps"},
                "first_token": {}, "decode": {name: {} for name in systems}, "no_cache": {}, "skipped": skipped}
 
-    # Systems alternate within each repeat, so that a noisy moment hits all of them alike.
-    jobs = [("prefill", a.prompt_len, r) for r in range(a.repeats + 2)]
-    jobs += [("decode", p, r) for p in a.positions for r in range(a.repeats)]
+    # Repeats are the outer loop and systems alternate inside each job, so that a noisy moment of
+    # this (shared) machine is spread over every position and every system alike.
+    jobs = [("prefill", a.prompt_len, r) for r in range(a.repeats)]
+    jobs += [("decode", p, r) for r in range(a.repeats) for p in a.positions]
     jobs += [("recompute", p, r) for p in a.positions for r in range(a.nocache_repeats)]
     samples: dict = {}
     for kind, p, _ in tqdm(jobs, desc="latency", unit="job"):
