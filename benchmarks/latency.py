@@ -28,6 +28,11 @@ from kvcache_infer import KVCacheInferencer, Model
 
 from .common import environment, session_options, summarize
 
+# Each ORT session has its own intra-op pool whose threads spin for a while after a run; on a
+# 2-core machine they take a core from the next system (measured: a 32-token prefill right after
+# the other session's run took ~100 ms instead of ~58 ms). Let them go idle between systems.
+SETTLE_S = 0.05
+
 
 class PlainOrtLoop:
     """What most people write: session.run with numpy inputs, the presents fed back as the past."""
@@ -127,7 +132,8 @@ def main() -> None:
                          "cache_bytes": systems["kvcache-infer"].inf.memory_profile().total_cache_bytes},
                "provider": model.providers[0],
                "workload": {"positions": a.positions, "prompt_len": a.prompt_len, "steps": a.steps,
-                            "warmup": a.warmup, "repeats": a.repeats, "token_ids": "random prompt, greedy steps"},
+                            "warmup": a.warmup, "repeats": a.repeats, "token_ids": "random prompt, greedy steps",
+                            "settle_s_between_systems": SETTLE_S},
                "first_token": {}, "decode": {name: {} for name in systems}, "no_cache": {}, "skipped": skipped}
 
     # Repeats are the outer loop and systems alternate inside each job, so that a noisy moment of
@@ -138,10 +144,12 @@ def main() -> None:
     samples: dict = {}
     for kind, p, _ in tqdm(jobs, desc="latency", unit="job"):
         if kind == "recompute":  # the whole prefix of p + 1 tokens for one new token
+            time.sleep(SETTLE_S)
             samples.setdefault(("no-cache", kind, p), []).extend(
                 time_prefill(systems["kvcache-infer"], prompt, p + 1, 1))
             continue
         for name, system in systems.items():
+            time.sleep(SETTLE_S)
             got = (time_prefill(system, prompt, p, 1) if kind == "prefill"
                    else time_decode(system, prompt, p, a.warmup, a.steps, 1))
             samples.setdefault((name, kind, p), []).extend(got)
