@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .source import NAMED_CONFIGS
 
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parity-rtol", type=float, default=1e-4,
                     help="parity tolerance: max |ort - torch| <= RTOL * max(1, max |logit|) (default 1e-4)")
     args = ap.parse_args(argv)
+    if not args.parity_rtol > 0:
+        ap.error(f"--parity-rtol must be > 0, got {args.parity_rtol}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out} exists and is not a folder")
 
     from .parity import ParityError
     from .pipeline import export_gpt2

@@ -22,7 +22,12 @@ def load_source(*, model: str | None = None, config: str | None = None, seed: in
     if (model is None) == (config is None):
         raise ValueError("give exactly one of --model DIR_OR_HUB_ID and --config NAME_OR_JSON")
     if model is not None:
-        hf = GPT2LMHeadModel.from_pretrained(model, torch_dtype=torch.float32)
+        looks_local = model.startswith((".", "/", "~")) or Path(model).exists() or model.count("/") > 1
+        if looks_local and not Path(model).expanduser().is_dir():
+            raise ValueError(f"--model {model}: no such checkpoint folder (a Hugging Face GPT-2 folder with "
+                             "config.json and weights, or a hub id where a hub is reachable)")
+        hf = GPT2LMHeadModel.from_pretrained(str(Path(model).expanduser()) if looks_local else model,
+                                             dtype=torch.float32)
         tok_dir = Path(model) if Path(model).is_dir() else None
         return hf.eval(), {"kind": "checkpoint", "model": str(model)}, tok_dir
     if config in NAMED_CONFIGS:

@@ -1,19 +1,24 @@
 """KV buffers per layer on one device, in one of two layouts behind one small interface.
 
+    offset                    tokens held per row; the next run writes from this row
     bind(io)                  once per IOBinding: binds what never moves
-    prepare(io, position, n)  before a run that writes rows [position, position + n)
-    commit()                  after that run succeeded
-    read(length)              host copies of rows [0, length) of every layer (for checks, snapshots)
+    prepare(io, n)            before a run that writes rows [offset, offset + n)
+    commit(n)                 after that run succeeded: offset += n (one assignment)
+    truncate(length)          keep rows [0, length): the next run overwrites from there
+    reset()                   offset = 0; nothing is cleared (rows >= offset are never read)
+    read(length)              host copies of rows [0, length) of every layer
     data_ptrs(), nbytes, capacity
 
-Both layouts allocate everything in the constructor; nothing is allocated per step.
+Both layouts allocate everything in the constructor; nothing is allocated per step. Every state
+change is a single attribute assignment, so an exception (KeyboardInterrupt included) can never
+leave a half-updated state.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
 
-from .errors import KVCacheError
+from .errors import CacheAllocationError, KVCacheError
 from .manifest import Manifest
 
 NP_DTYPE = {"float32": np.float32, "float16": np.float16}
@@ -70,6 +75,7 @@ class InPlaceCache:
         self.keys = [DeviceBuffer(shape, dtype, device, device_id) for _ in range(manifest.num_layers)]
         self.values = [DeviceBuffer(shape, dtype, device, device_id) for _ in range(manifest.num_layers)]
         self.nbytes = sum(b.nbytes for b in self.keys + self.values)
+        self.offset = 0
 
     def bind(self, io: ort.IOBinding) -> None:
         m = self.m
@@ -79,11 +85,17 @@ class InPlaceCache:
             io.bind_ortvalue_input(m.past_value[i], self.values[i].ortvalue)
             io.bind_ortvalue_output(m.present_value[i], self.values[i].ortvalue)
 
-    def prepare(self, io: ort.IOBinding, position: int, n: int) -> None:
+    def prepare(self, io: ort.IOBinding, n: int) -> None:
         pass  # bound once; the graph reads the write rows from position_ids
 
-    def commit(self) -> None:
-        pass
+    def commit(self, n: int) -> None:
+        self.offset += n
+
+    def truncate(self, length: int) -> None:
+        self.offset = length  # O(1): rows >= length are never read and get overwritten
+
+    def reset(self) -> None:
+        self.offset = 0
 
     def read(self, length: int) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(k.to_host()[:, :, :length].copy(), v.to_host()[:, :, :length].copy())
@@ -109,9 +121,13 @@ class GrowingCache:
         dtype = NP_DTYPE[manifest.dtype]
         L = manifest.num_layers
         self.bufs = [[DeviceBuffer(shape, dtype, device, device_id) for _ in range(4 * L)] for _ in range(2)]
-        self.front = 0
+        self._state = (0, 0)  # (front buffer index, offset): changed together, in one assignment
         self.mask = DeviceBuffer((batch * capacity,), np.int64, device, device_id, fill=1)
         self.nbytes = sum(b.nbytes for side in self.bufs for b in side)
+
+    @property
+    def offset(self) -> int:
+        return self._state[1]
 
     def _kv_shape(self, length: int) -> list[int]:
         return [self.batch, self.m.num_kv_heads, length, self.m.head_dim]
@@ -119,9 +135,10 @@ class GrowingCache:
     def bind(self, io: ort.IOBinding) -> None:
         pass  # rebound every step: the lengths change
 
-    def prepare(self, io: ort.IOBinding, position: int, n: int) -> None:
+    def prepare(self, io: ort.IOBinding, n: int) -> None:
         m, L = self.m, self.m.num_layers
-        src, dst = self.bufs[self.front], self.bufs[1 - self.front]
+        front, position = self._state
+        src, dst = self.bufs[front], self.bufs[1 - front]
         past, present = self._kv_shape(position), self._kv_shape(position + n)
         for i in range(L):
             src[2 * i].bind_input(io, m.past_key[i], past)
@@ -130,21 +147,75 @@ class GrowingCache:
             dst[2 * i + 1].bind_output(io, m.present_value[i], present)
         self.mask.bind_input(io, m.attention_mask, [self.batch, position + n])
 
-    def commit(self) -> None:
-        self.front = 1 - self.front
+    def commit(self, n: int) -> None:
+        front, offset = self._state
+        self._state = (1 - front, offset + n)
+
+    def truncate(self, length: int) -> None:
+        """O(prefix): [B,H,offset,D] -> [B,H,length,D] changes the packing, so the kept rows are
+        copied into the back buffer (through the host on CUDA), which then becomes the front."""
+        front, offset = self._state
+        if length == offset:
+            return
+        back = self.bufs[1 - front]
+        for buf, rows in zip(back, (t for kv in self.read(length) for t in kv)):
+            if buf.host is not None:
+                buf.host[: rows.size] = rows.ravel()
+            else:
+                full = buf.to_host()
+                full[: rows.size] = rows.ravel()
+                buf.write(full)
+        self._state = (1 - front, length)
+
+    def reset(self) -> None:
+        self._state = (self._state[0], 0)
 
     def read(self, length: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        count = int(np.prod(self._kv_shape(length)))
-        side = self.bufs[self.front]
-        return [tuple(side[2 * i + j].to_host()[:count].reshape(self._kv_shape(length)).copy() for j in (0, 1))
-                for i in range(self.m.num_layers)]
+        side, offset = self.bufs[self._state[0]], self._state[1]
+        held = int(np.prod(self._kv_shape(offset)))
+        return [tuple(side[2 * i + j].to_host()[:held].reshape(self._kv_shape(offset))[:, :, :length].copy()
+                      for j in (0, 1)) for i in range(self.m.num_layers)]
 
     def data_ptrs(self) -> list[int]:
         return [b.ptr for side in self.bufs for b in side]
 
 
+LAYOUTS = {"inplace": (InPlaceCache, 1), "growing": (GrowingCache, 2)}  # class, buffers per tensor
+
+
+def cache_bytes(manifest: Manifest, batch: int, capacity: int) -> int:
+    """Bytes the layout allocates: copies x 2 (K,V) x layers x batch x heads x capacity x head_dim x itemsize."""
+    copies = LAYOUTS[manifest.layout][1]
+    return copies * manifest.cache_bytes_per_token * batch * capacity
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (unknown: no early check)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def make_cache(manifest: Manifest, batch: int, capacity: int, device: str, device_id: int):
-    cls = {"inplace": InPlaceCache, "growing": GrowingCache}.get(manifest.layout)
-    if cls is None:
+    """Allocates the layout's buffers, after checking that they can fit (CacheAllocationError)."""
+    if manifest.layout not in LAYOUTS:
         raise KVCacheError(f"unknown cache layout {manifest.layout!r}")
-    return cls(manifest, batch, capacity, device, device_id)
+    need = cache_bytes(manifest, batch, capacity)
+    what = (f"{need / 2**30:.2f} GiB ({LAYOUTS[manifest.layout][1]} x 2 x {manifest.num_layers} layers x batch {batch} x "
+            f"{manifest.num_kv_heads} heads x {capacity} tokens x {manifest.head_dim} x "
+            f"{np.dtype(NP_DTYPE[manifest.dtype]).itemsize} bytes)")
+    fix = "lower max_seq_len or batch_size"
+    if device == "cpu":
+        avail = available_host_bytes()
+        if avail is not None and need > avail:
+            raise CacheAllocationError(f"the KV cache needs {what} but only {avail / 2**30:.2f} GiB of memory is "
+                                       f"available; {fix}")
+    try:
+        return LAYOUTS[manifest.layout][0](manifest, batch, capacity, device, device_id)
+    except (MemoryError, RuntimeError) as e:  # numpy raises MemoryError, ORT (CUDA) RuntimeError
+        raise CacheAllocationError(f"allocating the KV cache ({what}) on {device} failed: {e}; {fix}") from None

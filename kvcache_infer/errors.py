@@ -23,3 +23,15 @@ class DeviceError(KVCacheError, RuntimeError):
 
 class ModelNotFoundError(ModelFormatError, FileNotFoundError):
     """The model path does not exist or holds no model file."""
+
+
+class InferenceError(KVCacheError, RuntimeError):
+    """ONNX Runtime failed inside a run; the cache and position are as they were before the call."""
+
+
+class ConcurrentUseError(KVCacheError, RuntimeError):
+    """An inferencer (one sequence) was entered from a second thread while in use."""
+
+
+class CacheAllocationError(KVCacheError, MemoryError):
+    """The cache does not fit in the device's memory; raised before (or instead of) allocating."""

@@ -1,6 +1,7 @@
 """KVCacheInferencer: one sequence (or one lockstep batch) decoding against a resident KV cache."""
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .cache import NP_DTYPE, DeviceBuffer, make_cache
-from .errors import CapacityError, InvalidInputError, KVCacheError
+from .errors import CapacityError, ConcurrentUseError, InferenceError, InvalidInputError
 from .metrics import LatencyTracker, MemoryProfile, Metrics
 from .model import Model
 
@@ -71,14 +72,14 @@ class KVCacheInferencer:
         self.cache.bind(self._chunk_io)
         self._host_step_ids = np.zeros((B, 1), np.int64)  # staging for CUDA's update_inplace
 
-        self._position = 0
         self._latency = LatencyTracker()
+        self._busy = threading.Lock()  # one sequence: a second thread gets ConcurrentUseError
 
     # -- state ---------------------------------------------------------------------------------
     @property
     def position(self) -> int:
         """Tokens held per sequence; the next forward() writes from this row."""
-        return self._position
+        return self.cache.offset
 
     @property
     def device(self) -> str:
@@ -87,8 +88,30 @@ class KVCacheInferencer:
     def reset_cache(self) -> None:
         """Starts a new sequence: position 0, metrics cleared. Nothing is reallocated or cleared:
         rows at and past the position are never read, so nothing of the old sequence is visible."""
-        self._position = 0
-        self._latency.reset()
+        with self._enter("reset_cache"):
+            self.cache.reset()
+            self._latency.reset()
+
+    def truncate(self, length: int) -> None:
+        """Keeps the first `length` tokens of every row; the next forward() writes from there.
+        O(1) for the in-place layout, O(length) for the growing one. Nothing is reallocated."""
+        with self._enter("truncate"):
+            if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 0 <= length <= self.position:
+                raise InvalidInputError(f"truncate(length) needs an int in [0, position={self.position}], got {length!r}")
+            self.cache.truncate(int(length))
+
+    def rewind(self, n: int) -> None:
+        """Drops the last `n` tokens of every row (truncate(position - n))."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= self.position:
+            raise InvalidInputError(f"rewind(n) needs an int in [0, position={self.position}], got {n!r}")
+        self.truncate(self.position - int(n))
+
+    def _enter(self, what: str):
+        if not self._busy.acquire(blocking=False):
+            raise ConcurrentUseError(
+                f"{what}() was called while another thread is inside this inferencer; an inferencer is one "
+                "sequence: give each thread its own KVCacheInferencer (they can share one Model)")
+        return _Release(self._busy)
 
     # -- the hot path ----------------------------------------------------------------------------
     def forward(self, token_ids) -> np.ndarray:
@@ -99,28 +122,28 @@ class KVCacheInferencer:
         array the caller owns). Changes in place: cache rows [position, position + n), position += n.
         On any error nothing observable changes (rows [0, position) and the position stay as they were).
         """
-        ids, squeeze = self._check_ids(token_ids)
-        n = ids.shape[1]
-        pos = self._position
-        t0 = time.perf_counter()
-        if n == 1:
-            io = self._step_io
-            self._write_step_inputs(ids, pos)
-        else:
-            io = self._chunk_io
-            self._bind_chunk_inputs(ids, pos)
-        self.cache.prepare(io, pos, n)
-        try:
-            self.model.session.run_with_iobinding(io)
-        except Exception as e:
-            raise KVCacheError(f"ONNX Runtime failed running {n} token(s) at position {pos}: {e}; "
-                               "the cache and position are unchanged") from e
-        logits = self._logits.to_host()[:, 0] if n == 1 else io.get_outputs()[0].numpy()[:, -1]
-        out = np.array(logits[0] if squeeze else logits, dtype=np.float32)  # copy: buffers are reused
-        self.cache.commit()
-        self._position = pos + n
-        self._latency.record((time.perf_counter() - t0) * 1e3, n)
-        return out
+        with self._enter("forward"):
+            ids, squeeze = self._check_ids(token_ids)
+            n = ids.shape[1]
+            pos = self.cache.offset
+            t0 = time.perf_counter()
+            if n == 1:
+                io = self._step_io
+                self._write_step_inputs(ids, pos)
+            else:
+                io = self._chunk_io
+                self._bind_chunk_inputs(ids, pos)
+            self.cache.prepare(io, n)
+            try:
+                self.model.session.run_with_iobinding(io)
+            except Exception as e:
+                raise InferenceError(f"ONNX Runtime failed running {n} token(s) at position {pos}: {e}; "
+                                     "the cache and position are unchanged") from e
+            logits = self._logits.to_host()[:, 0] if n == 1 else io.get_outputs()[0].numpy()[:, -1]
+            out = np.array(logits[0] if squeeze else logits, dtype=np.float32)  # copy: buffers are reused
+            self.cache.commit(n)                        # the one state change
+            self._latency.record((time.perf_counter() - t0) * 1e3, n)
+            return out
 
     def _write_step_inputs(self, ids: np.ndarray, pos: int) -> None:
         if self._ids.host is not None:                  # CPU: the bound arrays are these numpy arrays
@@ -166,9 +189,9 @@ class KVCacheInferencer:
         n = a.shape[1]
         if n == 0:
             raise InvalidInputError("token_ids is empty: pass at least one token id per row")
-        if self._position + n > self.capacity:
+        if self.cache.offset + n > self.capacity:
             raise CapacityError(
-                f"{n} token(s) at position {self._position} would exceed the cache capacity of {self.capacity} "
+                f"{n} token(s) at position {self.cache.offset} would exceed the cache capacity of {self.capacity} "
                 f"tokens (max_seq_len={self.capacity}); call reset_cache() or construct with a larger "
                 f"max_seq_len (model limit {self.manifest.max_positions})")
         lo, hi = int(a.min()), int(a.max())
@@ -181,7 +204,7 @@ class KVCacheInferencer:
     # -- reporting -------------------------------------------------------------------------------
     @property
     def metrics(self) -> Metrics:
-        return self._latency.snapshot(self._position, self.batch_size)
+        return self._latency.snapshot(self.position, self.batch_size)
 
     def print_metrics(self) -> None:
         print(self.metrics.report())
@@ -189,7 +212,7 @@ class KVCacheInferencer:
     def memory_profile(self) -> MemoryProfile:
         m, c = self.manifest, self.cache
         per_token = m.cache_bytes_per_token
-        tokens = self._position * self.batch_size
+        tokens = self.position * self.batch_size
         used = tokens * per_token
         io_bytes = self._ids.nbytes + self._pos_ids.nbytes + self._logits.nbytes
         if hasattr(c, "mask"):
@@ -201,5 +224,21 @@ class KVCacheInferencer:
             io_buffer_bytes=io_bytes)
 
     def __repr__(self) -> str:
-        return (f"KVCacheInferencer(position={self._position}, capacity={self.capacity}, "
+        return (f"KVCacheInferencer(position={self.position}, capacity={self.capacity}, "
                 f"batch_size={self.batch_size}, {self.model!r})")
+
+
+class _Release:
+    """Context manager releasing an already-acquired lock."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: threading.Lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        return False

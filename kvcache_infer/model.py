@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .errors import DeviceError, ModelFormatError, ModelNotFoundError
+from .errors import DeviceError, InvalidInputError, ModelFormatError, ModelNotFoundError
 from .manifest import Manifest, load_manifest, manifest_from_graph
 
 DEVICES = ("cpu", "cuda")
@@ -48,7 +48,7 @@ class Model:
                  intra_op_threads: int | None = None, session_options: ort.SessionOptions | None = None):
         if device not in DEVICES:
             raise DeviceError(f"unknown device {device!r}; expected one of {DEVICES}")
-        if not isinstance(device_id, int) or device_id < 0:
+        if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
             raise DeviceError(f"device_id must be a non-negative int, got {device_id!r}")
         self.dir, self.file = _resolve(path)
         manifest = load_manifest(self.dir)
@@ -61,8 +61,8 @@ class Model:
 
         so = session_options or ort.SessionOptions()
         if intra_op_threads is not None:
-            if not isinstance(intra_op_threads, int) or intra_op_threads < 1:
-                raise ValueError(f"intra_op_threads must be an int >= 1, got {intra_op_threads!r}")
+            if isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) or intra_op_threads < 1:
+                raise InvalidInputError(f"intra_op_threads must be an int >= 1, got {intra_op_threads!r}")
             so.intra_op_num_threads = intra_op_threads
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
