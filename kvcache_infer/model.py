@@ -33,6 +33,16 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
     raise ModelNotFoundError(f"model path {p} does not exist; export one with `python -m export --out {p}`")
 
 
+def _release_freed_heap() -> None:
+    """Loading a model frees its parse buffers, but glibc keeps them resident (measured: ~210 MiB
+    for GPT-2 small); malloc_trim returns them to the OS. Best effort, glibc only."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Model:
     """An ONNX Runtime session plus the manifest that describes its KV-cache I/O.
 
@@ -76,6 +86,7 @@ class Model:
             self.session = ort.InferenceSession(str(self.file), so, providers=providers)
         except Exception as e:  # ORT raises several types for a bad file: report them as one
             raise ModelFormatError(f"ONNX Runtime cannot load {self.file}: {type(e).__name__}: {e}") from None
+        _release_freed_heap()
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise DeviceError(
                 f"asked for CUDA but ONNX Runtime fell back to {self.session.get_providers()}: the CUDA "

@@ -230,7 +230,7 @@ def main() -> None:  # pragma: no cover - renders the README table
             if case.needs_no_cuda and HAS_CUDA:
                 continue
             e = run_case(case, env)
-            msg = str(e).split(";")[0][:90].replace("|", "\\|") if e else "NOT RAISED"
+            msg = str(e).replace(tmp, "…").split(";")[0][:100].replace("|", "\\|") if e else "NOT RAISED"
             print(f"| {i} | {case.what} | `{type(e).__name__}` | {msg} |")
 
 

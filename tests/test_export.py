@@ -79,3 +79,28 @@ def test_cli_exports_a_named_config_and_a_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, "-m", "export", "--config", "nope", "--out", str(tmp_path / "x")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "neither a named config" in r.stderr
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--config", "tiny"], "the following arguments are required: --out"),
+    (["--config", "tiny", "--model", "x", "--out", "o"], "not allowed with argument"),
+    (["--out", "o"], "one of the arguments --model --config is required"),
+    (["--config", "tiny", "--seed", "abc", "--out", "o"], "invalid int value: 'abc'"),
+    (["--config", "tiny", "--parity-rtol", "-1", "--out", "o"], "--parity-rtol must be > 0"),
+    (["--config", "tiny", "--out", "FILE"], "exists and is not a folder"),
+    (["--config", "no_such_config", "--out", "o"], "neither a named config"),
+    (["--model", "./no/such/folder", "--out", "o"], "no such checkpoint folder"),
+    (["--config", "BADJSON", "--out", "o"], "export failed"),
+])
+def test_cli_rejects_bad_arguments_with_exit_2(argv, msg, tmp_path, capsys):
+    from export.__main__ import main
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "bad.json").write_text("{not json")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else str(tmp_path / "bad.json") if a == "BADJSON"
+            else str(tmp_path / a) if a == "o" else a for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:                          # argparse's own errors
+        code = e.code
+    assert code == 2
+    assert msg in capsys.readouterr().err
