@@ -21,9 +21,14 @@ def main(argv: list[str] | None = None) -> int:
                      help=f"random weights for a named config ({', '.join(NAMED_CONFIGS)}) or a GPT2Config JSON file")
     ap.add_argument("--seed", type=int, default=0, help="seed for random weights with --config (default 0)")
     ap.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced if it exists)")
-    ap.add_argument("--parity-rtol", type=float, default=1e-4,
-                    help="parity tolerance: max |ort - torch| <= RTOL * max(1, max |logit|) (default 1e-4)")
+    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                    help="weights and KV cache precision (logits are float32 either way; default float32)")
+    ap.add_argument("--parity-rtol", type=float, default=None,
+                    help="parity tolerance: max |ort - torch| <= RTOL * max(1, max |logit|) "
+                         "(default 1e-4 for float32, 2e-2 for float16)")
     args = ap.parse_args(argv)
+    if args.parity_rtol is None:
+        args.parity_rtol = 1e-4 if args.dtype == "float32" else 2e-2
     if not args.parity_rtol > 0:
         ap.error(f"--parity-rtol must be > 0, got {args.parity_rtol}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -36,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print("loading the source model ...", flush=True)
         hf, desc, tok_dir = load_source(model=args.model, config=args.config, seed=args.seed)
-        export_gpt2(hf, args.out, source=desc, tokenizer_dir=tok_dir, parity_rtol=args.parity_rtol,
+        export_gpt2(hf, args.out, source=desc, tokenizer_dir=tok_dir, dtype=args.dtype, parity_rtol=args.parity_rtol,
                     log=lambda s: print(s, flush=True))
     except ParityError as e:
         print(f"export FAILED: {e}", file=sys.stderr)

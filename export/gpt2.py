@@ -61,8 +61,8 @@ def check_config(config) -> None:
 def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32"):
     """Returns an onnx.ModelProto for a GPT2LMHeadModel given its config and numpy state dict.
 
-    `state` uses Hugging Face names (`transformer.h.0.attn.c_attn.weight`, ...). Weights are cast
-    to `dtype`; LayerNorm statistics and the logits stay in `dtype` too (fp32 for the default).
+    `state` uses Hugging Face names (`transformer.h.0.attn.c_attn.weight`, ...). Weights and the
+    KV cache are `dtype` ("float32" or "float16"); the logits output is always float32.
     """
     check_config(config)
     np_dtype = np.dtype(dtype)
@@ -83,7 +83,7 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     for i in range(L):
         g.input(names["past_key"][i], et, ["batch", N, "capacity", D])
         g.input(names["past_value"][i], et, ["batch", N, "capacity", D])
-    g.output(names["logits"], et, ["batch", "seq", V])
+    g.output(names["logits"], TensorProto.FLOAT, ["batch", "seq", V])
     for i in range(L):
         g.output(names["present_key"][i], et, ["batch", N, "capacity", D])
         g.output(names["present_value"][i], et, ["batch", N, "capacity", D])
@@ -157,7 +157,11 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
                   epsilon=eps)
     if "lm_head.weight" in state and not np.array_equal(w("lm_head.weight"), w("transformer.wte.weight")):
         raise ValueError("lm_head.weight differs from transformer.wte.weight: untied GPT-2 heads are not supported")
-    g.node("FusedMatMul", [x, wte], name="lm_head", domain=MS_DOMAIN, outputs=[names["logits"]],
-           transA=0, transB=1, alpha=1.0)
+    if dtype == "float32":
+        g.node("FusedMatMul", [x, wte], name="lm_head", domain=MS_DOMAIN, outputs=[names["logits"]],
+               transA=0, transB=1, alpha=1.0)
+    else:  # half-precision weights and cache; the logits leave the graph as fp32
+        (lg,) = g.node("FusedMatMul", [x, wte], name="lm_head", domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)
+        g.node("Cast", [lg], name="logits_fp32", outputs=[names["logits"]], to=TensorProto.FLOAT)
     model = g.build("gpt2_kvcache_inplace", OPSET, producer="kvcache-infer export")
     return model, names

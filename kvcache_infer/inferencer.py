@@ -59,7 +59,7 @@ class KVCacheInferencer:
         # One-token step: ids, positions and logits live in fixed buffers bound once.
         self._ids = DeviceBuffer((B, 1), np.int64, dev, did, fill=0)
         self._pos_ids = DeviceBuffer((B, 1), np.int64, dev, did, fill=0)
-        self._logits = DeviceBuffer((B, 1, V), NP_DTYPE[m.dtype], dev, did)
+        self._logits = DeviceBuffer((B, 1, V), NP_DTYPE[m.logits_dtype], dev, did)
         self._step_io = model.session.io_binding()
         self._step_io.bind_ortvalue_output(m.logits, self._logits.ortvalue)
         self._step_io.bind_ortvalue_input(m.input_ids, self._ids.ortvalue)

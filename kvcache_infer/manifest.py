@@ -32,7 +32,7 @@ class Manifest:
     hidden_size: int
     vocab_size: int
     max_positions: int
-    dtype: str                      # cache and logits element type
+    dtype: str                      # weights and KV cache element type
     layout: str                     # "inplace": past/present share one buffer; "growing": present = past + new
     input_ids: str
     position_ids: str | None
@@ -43,6 +43,7 @@ class Manifest:
     present_key: tuple[str, ...]
     present_value: tuple[str, ...]
     model_file: str = "model.onnx"
+    logits_dtype: str = "float32"
     model_bytes: int | None = None  # size of model_file when exported: a cheap truncation check
     source: str = "manifest.json"   # where this manifest came from
 
@@ -66,6 +67,7 @@ class Manifest:
             "vocab_size": self.vocab_size,
             "max_positions": self.max_positions,
             "dtype": self.dtype,
+            "logits_dtype": self.logits_dtype,
             "cache": {
                 "layout": self.layout,
                 "shape": ["batch", "num_kv_heads", "capacity", "head_dim"],
@@ -98,6 +100,7 @@ class Manifest:
                 num_kv_heads=int(data["num_kv_heads"]), head_dim=int(data["head_dim"]),
                 hidden_size=int(data["hidden_size"]), vocab_size=int(data["vocab_size"]),
                 max_positions=int(data["max_positions"]), dtype=str(data["dtype"]),
+                logits_dtype=str(data.get("logits_dtype", "float32")),
                 layout=str(cache["layout"]), input_ids=io["input_ids"], position_ids=io.get("position_ids"),
                 attention_mask=io.get("attention_mask"), logits=io["logits"],
                 past_key=tuple(io["past_key"]), past_value=tuple(io["past_value"]),
@@ -117,6 +120,8 @@ class Manifest:
             bad.append(f"cache layout {self.layout!r} not in {LAYOUTS}")
         if self.dtype not in DTYPES:
             bad.append(f"dtype {self.dtype!r} not in {DTYPES}")
+        if self.logits_dtype not in DTYPES:
+            bad.append(f"logits_dtype {self.logits_dtype!r} not in {DTYPES}")
         for name in ("past_key", "past_value", "present_key", "present_value"):
             if len(getattr(self, name)) != self.num_layers:
                 bad.append(f"{len(getattr(self, name))} {name} names for {self.num_layers} layers")
@@ -153,6 +158,9 @@ class Manifest:
             for axis, want in ((1, self.num_kv_heads), (3, self.head_dim)):
                 if isinstance(shape[axis], int) and shape[axis] != want:
                     bad.append(f"{name} dim {axis} is {shape[axis]}, manifest says {want}")
+        ltype = ORT_TYPE_TO_DTYPE.get(outputs[self.logits].type, outputs[self.logits].type)
+        if ltype != self.logits_dtype:
+            bad.append(f"{self.logits} is {ltype}, manifest says logits_dtype {self.logits_dtype}")
         lshape = outputs[self.logits].shape
         if lshape and isinstance(lshape[-1], int) and lshape[-1] != self.vocab_size:
             bad.append(f"{self.logits} last dim is {lshape[-1]}, manifest says vocab_size={self.vocab_size}")
@@ -216,9 +224,13 @@ def manifest_from_graph(inputs: dict, outputs: dict, config_path: Path, model_fi
     dtype = ORT_TYPE_TO_DTYPE.get(inputs[past_key[0]].type)
     if dtype is None:
         raise ModelFormatError(f"{past_key[0]} has unsupported type {inputs[past_key[0]].type}")
+    logits_dtype = ORT_TYPE_TO_DTYPE.get(outputs[logits].type)
+    if logits_dtype is None:
+        raise ModelFormatError(f"{logits} has unsupported type {outputs[logits].type}")
     m = Manifest(
         num_layers=n, num_heads=shape[1], num_kv_heads=shape[1], head_dim=shape[3],
         hidden_size=hidden or shape[1] * shape[3], vocab_size=vocab, max_positions=max_positions, dtype=dtype,
+        logits_dtype=logits_dtype,
         layout="growing", input_ids="input_ids",
         position_ids="position_ids" if "position_ids" in inputs else None,
         attention_mask="attention_mask" if "attention_mask" in inputs else None,
