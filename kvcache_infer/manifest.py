@@ -44,6 +44,7 @@ class Manifest:
     present_value: tuple[str, ...]
     model_file: str = "model.onnx"
     logits_dtype: str = "float32"
+    attention: str = "GroupQueryAttention"  # the attention op, for device checks ("standard": plain ops)
     model_bytes: int | None = None  # size of model_file when exported: a cheap truncation check
     source: str = "manifest.json"   # where this manifest came from
 
@@ -68,6 +69,7 @@ class Manifest:
             "max_positions": self.max_positions,
             "dtype": self.dtype,
             "logits_dtype": self.logits_dtype,
+            "attention": self.attention,
             "cache": {
                 "layout": self.layout,
                 "shape": ["batch", "num_kv_heads", "capacity", "head_dim"],
@@ -101,6 +103,7 @@ class Manifest:
                 hidden_size=int(data["hidden_size"]), vocab_size=int(data["vocab_size"]),
                 max_positions=int(data["max_positions"]), dtype=str(data["dtype"]),
                 logits_dtype=str(data.get("logits_dtype", "float32")),
+                attention=str(data.get("attention", "GroupQueryAttention")),
                 layout=str(cache["layout"]), input_ids=io["input_ids"], position_ids=io.get("position_ids"),
                 attention_mask=io.get("attention_mask"), logits=io["logits"],
                 past_key=tuple(io["past_key"]), past_value=tuple(io["past_value"]),
@@ -230,7 +233,7 @@ def manifest_from_graph(inputs: dict, outputs: dict, config_path: Path, model_fi
     m = Manifest(
         num_layers=n, num_heads=shape[1], num_kv_heads=shape[1], head_dim=shape[3],
         hidden_size=hidden or shape[1] * shape[3], vocab_size=vocab, max_positions=max_positions, dtype=dtype,
-        logits_dtype=logits_dtype,
+        logits_dtype=logits_dtype, attention="standard",
         layout="growing", input_ids="input_ids",
         position_ids="position_ids" if "position_ids" in inputs else None,
         attention_mask="attention_mask" if "attention_mask" in inputs else None,

@@ -62,6 +62,13 @@ class Model:
             raise DeviceError(f"device_id must be a non-negative int, got {device_id!r}")
         self.dir, self.file = _resolve(path)
         manifest = load_manifest(self.dir)
+        if device == "cuda" and manifest and manifest.attention == "GroupQueryAttention" and manifest.dtype == "float32":
+            # ORT registers GroupQueryAttention for CUDA in fp16/bf16 only: an fp32 graph would run its
+            # attention on the CPU provider and copy the cache between devices every step.
+            raise DeviceError(
+                f"{self.dir} is a float32 GroupQueryAttention model; ONNX Runtime's CUDA GroupQueryAttention "
+                "kernel exists for float16/bfloat16 only, so attention would fall back to the CPU and copy the "
+                "cache every step. Export with `python -m export ... --dtype float16` for CUDA")
         size = self.file.stat().st_size
         if manifest and manifest.model_bytes is not None and size != manifest.model_bytes:
             raise ModelFormatError(

@@ -63,6 +63,10 @@ class Env:
         (d / "manifest.json").unlink()
         return d
 
+    def optimum_like(self) -> Path:
+        """A copy whose manifest describes plain attention ops (not GQA), so only the provider is missing."""
+        return self.with_manifest(attention="standard")
+
     def no_kv_model(self) -> Path:
         d = self.scratch / "plain"
         d.mkdir(exist_ok=True)
@@ -166,7 +170,9 @@ CASES = [
     Case("batch_size 10**8 (cache larger than memory)", lambda env: KVCacheInferencer(env.model, batch_size=10**8),
          CacheAllocationError, r"needs \d+\.\d+ GiB"),
     Case("unknown device 'tpu'", lambda env: KVCacheInferencer(env.dir, device="tpu"), DeviceError, "unknown device"),
-    Case("device 'cuda' without a CUDA build", lambda env: KVCacheInferencer(env.dir, device="cuda"), DeviceError,
+    Case("fp32 GroupQueryAttention model on 'cuda'", lambda env: KVCacheInferencer(env.dir, device="cuda"),
+         DeviceError, "float16/bfloat16 only"),
+    Case("device 'cuda' without a CUDA build", lambda env: Model(env.optimum_like(), device="cuda"), DeviceError,
          "no CUDA provider", needs_no_cuda=True),
     Case("device_id -1", lambda env: KVCacheInferencer(env.dir, device_id=-1), DeviceError, "device_id"),
     Case("intra_op_threads 0", lambda env: KVCacheInferencer(env.dir, intra_op_threads=0), InvalidInputError,
