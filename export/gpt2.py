@@ -13,6 +13,7 @@ C = cache capacity chosen by the caller, V = vocab):
       h    = h + a @ Wo + bo ; x = LN2(h)                         # one SkipLayerNorm
       h    = h + FastGelu(x @ Wfc + bfc) @ Wp + bp                # folded into the next SkipLayerNorm
     logits = LN_f(h) @ wte^T                                      # [B,S,V], wte stored once
+    next_token = argmax(logits[:, -1])                            # [B] int64, for greedy decoding
 
 The cache write position comes from position_ids: GQA writes the chunk's K/V at rows
 position_ids[b,0] .. position_ids[b,-1] of the cache and attends over rows 0..position_ids[b,-1].
@@ -35,6 +36,7 @@ def io_names(n_layer: int) -> dict:
         "input_ids": "input_ids",
         "position_ids": "position_ids",
         "logits": "logits",
+        "next_token": "next_token",
         "past_key": [f"past_key_{i}" for i in range(n_layer)],
         "past_value": [f"past_value_{i}" for i in range(n_layer)],
         "present_key": [f"present_key_{i}" for i in range(n_layer)],
@@ -163,5 +165,9 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     else:  # half-precision weights and cache; the logits leave the graph as fp32
         (lg,) = g.node("FusedMatMul", [x, wte], name="lm_head", domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)
         g.node("Cast", [lg], name="logits_fp32", outputs=[names["logits"]], to=TensorProto.FLOAT)
+    # Greedy decoding's next token, so that a greedy step need not copy the logits row to the host.
+    (last_logits,) = g.node("Gather", [names["logits"], last], name="next_token/last_position", axis=1)  # [B,V]
+    g.node("ArgMax", [last_logits], name="next_token/argmax", outputs=[names["next_token"]], axis=-1, keepdims=0)
+    g.output(names["next_token"], TensorProto.INT64, ["batch"])
     model = g.build("gpt2_kvcache_inplace", OPSET, producer="kvcache-infer export")
     return model, names

@@ -63,7 +63,7 @@ def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: P
         num_layers=L, num_heads=N, num_kv_heads=N, head_dim=E // N, hidden_size=E, vocab_size=cfg.vocab_size,
         max_positions=cfg.n_positions, dtype=dtype, logits_dtype="float32", layout="inplace",
         input_ids=names["input_ids"],
-        position_ids=names["position_ids"], attention_mask=None, logits=names["logits"],
+        position_ids=names["position_ids"], attention_mask=None, logits=names["logits"], next_token=names["next_token"],
         past_key=tuple(names["past_key"]), past_value=tuple(names["past_value"]),
         present_key=tuple(names["present_key"]), present_value=tuple(names["present_value"]),
         model_file=path.name, model_bytes=path.stat().st_size)

@@ -6,7 +6,9 @@
     commit(n)                 after that run succeeded: offset += n (one assignment)
     truncate(length)          keep rows [0, length): the next run overwrites from there
     reset()                   offset = 0; nothing is cleared (rows >= offset are never read)
-    read(length)              host copies of rows [0, length) of every layer
+    read(length)              host copies of rows [0, length) of every layer: [(K, V)] of [B, H, length, D]
+    write(rows)               the inverse of read: rows [0, n) of every layer from host arrays; offset = n
+    fork(src, dst)            copies batch row src's rows [0, offset) into batch rows dst
     data_ptrs(), nbytes, capacity
 
 Both layouts allocate everything in the constructor; nothing is allocated per step. Every state
@@ -101,6 +103,26 @@ class InPlaceCache:
         return [(k.to_host()[:, :, :length].copy(), v.to_host()[:, :, :length].copy())
                 for k, v in zip(self.keys, self.values)]
 
+    def write(self, rows: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        n = rows[0][0].shape[2]
+        for buf, arr in zip(self.keys + self.values, [k for k, _ in rows] + [v for _, v in rows]):
+            if buf.host is not None:
+                buf.host[:, :, :n] = arr
+            else:  # CUDA: through the host (ORT's Python API has no device-to-device copy)
+                full = buf.to_host()
+                full[:, :, :n] = arr
+                buf.write(full)
+        self.offset = n
+
+    def fork(self, src: int, dst: list[int]) -> None:
+        n = self.offset
+        for buf in self.keys + self.values:
+            a = buf.to_host()                         # CPU: the buffer itself; CUDA: a host copy
+            for d in dst:
+                a[d, :, :n] = a[src, :, :n]
+            if buf.host is None:
+                buf.write(a)
+
     def data_ptrs(self) -> list[int]:
         return [b.ptr for b in self.keys + self.values]
 
@@ -175,6 +197,29 @@ class GrowingCache:
         held = int(np.prod(self._kv_shape(offset)))
         return [tuple(side[2 * i + j].to_host()[:held].reshape(self._kv_shape(offset))[:, :, :length].copy()
                       for j in (0, 1)) for i in range(self.m.num_layers)]
+
+    def write(self, rows: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        n = rows[0][0].shape[2]
+        front = self._state[0]
+        for buf, arr in zip(self.bufs[front], (t for kv in rows for t in kv)):
+            if buf.host is not None:
+                buf.host[: arr.size] = arr.ravel()
+            else:
+                full = buf.to_host()
+                full[: arr.size] = arr.ravel()
+                buf.write(full)
+        self._state = (front, n)
+
+    def fork(self, src: int, dst: list[int]) -> None:
+        front, n = self._state
+        shape = self._kv_shape(n)
+        for buf in self.bufs[front]:
+            flat = buf.to_host()
+            a = flat[: int(np.prod(shape))].reshape(shape)
+            for d in dst:
+                a[d] = a[src]
+            if buf.host is None:
+                buf.write(flat)
 
     def data_ptrs(self) -> list[int]:
         return [b.ptr for side in self.bufs for b in side]

@@ -10,8 +10,10 @@ import onnxruntime as ort
 
 from .cache import NP_DTYPE, DeviceBuffer, make_cache
 from .errors import CapacityError, ConcurrentUseError, InferenceError, InvalidInputError
+from .generation import Sampler, check_prompt, stream_ids, stream_text
 from .metrics import LatencyTracker, MemoryProfile, Metrics
 from .model import Model
+from .snapshot import CacheSnapshot, check, take
 
 
 class KVCacheInferencer:
@@ -26,7 +28,9 @@ class KVCacheInferencer:
 
     What never changes after construction: the cache buffers (same device addresses until the
     object dies), the bound one-token step, the preallocated id/position/logits buffers.
-    What forward() changes: the cache rows it writes and the position.
+    What changes, in place: forward() writes the new rows and advances the position;
+    generate()/stream() do that once per token; truncate()/rewind()/reset_cache() move the position;
+    restore() and fork() rewrite rows. Each call either completes or leaves the state as it was.
     """
 
     def __init__(self, model: Model | str | Path, *, device: str | None = None, device_id: int = 0,
@@ -70,6 +74,17 @@ class KVCacheInferencer:
         self._chunk_io = model.session.io_binding()
         self._chunk_io.bind_output(m.logits, dev, did)
         self.cache.bind(self._chunk_io)
+        # Greedy steps and chunks fetch only the in-graph argmax (no logits row leaves the graph).
+        self._token = None
+        if m.next_token:
+            self._token = DeviceBuffer((B,), np.int64, dev, did, fill=0)
+            self._greedy_step_io = model.session.io_binding()
+            self._greedy_chunk_io = model.session.io_binding()
+            for io in (self._greedy_step_io, self._greedy_chunk_io):
+                io.bind_ortvalue_output(m.next_token, self._token.ortvalue)
+                self.cache.bind(io)
+            self._greedy_step_io.bind_ortvalue_input(m.input_ids, self._ids.ortvalue)
+            self._greedy_step_io.bind_ortvalue_input(m.position_ids, self._pos_ids.ortvalue)
         self._host_step_ids = np.zeros((B, 1), np.int64)  # staging for CUDA's update_inplace
 
         self._latency = LatencyTracker()
@@ -96,8 +111,10 @@ class KVCacheInferencer:
         """Keeps the first `length` tokens of every row; the next forward() writes from there.
         O(1) for the in-place layout, O(length) for the growing one. Nothing is reallocated."""
         with self._enter("truncate"):
-            if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 0 <= length <= self.position:
-                raise InvalidInputError(f"truncate(length) needs an int in [0, position={self.position}], got {length!r}")
+            ok = isinstance(length, (int, np.integer)) and not isinstance(length, bool)
+            if not ok or not 0 <= length <= self.position:
+                raise InvalidInputError(f"truncate(length) needs an int in [0, position={self.position}], "
+                                        f"got {length!r}")
             self.cache.truncate(int(length))
 
     def rewind(self, n: int) -> None:
@@ -105,6 +122,66 @@ class KVCacheInferencer:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= self.position:
             raise InvalidInputError(f"rewind(n) needs an int in [0, position={self.position}], got {n!r}")
         self.truncate(self.position - int(n))
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop_ids=()):
+        """Feeds `prompt` after what the cache holds and returns the new tokens: a list of ids for an id
+        prompt, a string for a text prompt (needs the model's tokenizer.json). temperature 0 is greedy
+        (the next token comes from the graph's argmax; no logits row is copied). Stops after
+        max_new_tokens or after a token in stop_ids (included). Each step is a forward(): on an error the
+        cache holds the prompt and the tokens generated so far. Call reset_cache() first for a new sequence."""
+        out = self.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                          stop_ids=stop_ids)
+        return "".join(out) if isinstance(prompt, str) else list(out)
+
+    def stream(self, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop_ids=()):
+        """Like generate(), as an iterator: new ids (int) for an id prompt, text pieces (str) for a text
+        prompt. The request is validated before the first token; nothing runs until iteration starts."""
+        sampler = Sampler(temperature, top_k, top_p, seed, vocab=self.manifest.vocab_size)
+        tok = self.model.tokenizer if isinstance(prompt, str) else None
+        if isinstance(prompt, str):
+            if tok is None:
+                raise InvalidInputError(f"a text prompt needs a tokenizer.json in {self.model.dir}; this model has "
+                                        "none: pass token ids")
+            prompt = tok.encode(prompt).ids
+        ids, stop = check_prompt(self, prompt, max_new_tokens, stop_ids)
+        it = stream_ids(self, ids, max_new_tokens, sampler, stop)
+        return stream_text(tok, it) if tok is not None else it
+
+    def _step(self, ids: np.ndarray, sampler: Sampler) -> int:
+        """One validated run for generation; the next token of row 0."""
+        with self._enter("generate"):
+            if self.cache.offset + ids.shape[1] > self.capacity:
+                raise CapacityError(f"the cache is full ({self.capacity} tokens, max_seq_len={self.capacity})")
+            if sampler.greedy:
+                return int(self._run(ids, greedy=True)[0])
+            return sampler(self._run(ids, greedy=False)[0])
+
+    def snapshot(self) -> CacheSnapshot:
+        """Copies rows [0, position) of the cache to host memory (O(position)); changes nothing."""
+        with self._enter("snapshot"):
+            return take(self.cache.read(self.position), self.position, self.manifest.dtype, self.batch_size)
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """Makes the cache and position exactly what they were at snap (bit for bit). In place,
+        O(snap.position); a snapshot of another geometry, dtype or batch size raises, changing nothing."""
+        with self._enter("restore"):
+            check(snap, self.manifest, self.batch_size, self.capacity)
+            self.cache.write(list(snap.layers))
+
+    def fork(self, src: int = 0, dst=None) -> None:
+        """Copies batch row `src`'s cache rows [0, position) into the rows `dst` (default: every other
+        row), so that they continue the same prefix; then forward() can feed each row differently.
+        In place, O(position x len(dst)); nothing is reallocated."""
+        with self._enter("fork"):
+            B = self.batch_size
+            dst = [r for r in range(B) if r != src] if dst is None else list(dst)
+            rows = [src, *dst]
+            if any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= r < B for r in rows):
+                raise InvalidInputError(f"fork(src, dst) takes batch rows in [0, {B}), got src={src!r}, dst={dst!r}")
+            self.cache.fork(int(src), [int(r) for r in dst if r != src])
 
     def _enter(self, what: str):
         if not self._busy.acquire(blocking=False):
@@ -124,26 +201,38 @@ class KVCacheInferencer:
         """
         with self._enter("forward"):
             ids, squeeze = self._check_ids(token_ids)
-            n = ids.shape[1]
-            pos = self.cache.offset
-            t0 = time.perf_counter()
-            if n == 1:
-                io = self._step_io
-                self._write_step_inputs(ids, pos)
-            else:
-                io = self._chunk_io
-                self._bind_chunk_inputs(ids, pos)
-            self.cache.prepare(io, n)
-            try:
-                self.model.session.run_with_iobinding(io)
-            except Exception as e:
-                raise InferenceError(f"ONNX Runtime failed running {n} token(s) at position {pos}: {e}; "
-                                     "the cache and position are unchanged") from e
+            out = self._run(ids, greedy=False)
+            return out[0] if squeeze else out
+
+    def _run(self, ids: np.ndarray, greedy: bool) -> np.ndarray:
+        """One run over validated [B, n] ids: [B, V] float32 logits, or with greedy=True the [B] int64
+        argmax of the last position (from the graph's next_token output when it has one)."""
+        n = ids.shape[1]
+        pos = self.cache.offset
+        t0 = time.perf_counter()
+        in_graph = greedy and self._token is not None
+        if n == 1:
+            io = self._greedy_step_io if in_graph else self._step_io
+            self._write_step_inputs(ids, pos)
+        else:
+            io = self._greedy_chunk_io if in_graph else self._chunk_io
+            self._bind_chunk_inputs(io, ids, pos, logits=not in_graph)
+        self.cache.prepare(io, n)
+        try:
+            self.model.session.run_with_iobinding(io)
+        except Exception as e:
+            raise InferenceError(f"ONNX Runtime failed running {n} token(s) at position {pos}: {e}; "
+                                 "the cache and position are unchanged") from e
+        if in_graph:
+            out = np.array(self._token.to_host())                   # [B] int64
+        else:
             logits = self._logits.to_host()[:, 0] if n == 1 else io.get_outputs()[0].numpy()[:, -1]
-            out = np.array(logits[0] if squeeze else logits, dtype=np.float32)  # copy: buffers are reused
-            self.cache.commit(n)                        # the one state change
-            self._latency.record((time.perf_counter() - t0) * 1e3, n)
-            return out
+            out = np.array(logits, dtype=np.float32)                # copy: the buffers are reused
+            if greedy:
+                out = out.argmax(-1)
+        self.cache.commit(n)                        # the one state change
+        self._latency.record((time.perf_counter() - t0) * 1e3, n)
+        return out
 
     def _write_step_inputs(self, ids: np.ndarray, pos: int) -> None:
         if self._ids.host is not None:                  # CPU: the bound arrays are these numpy arrays
@@ -154,13 +243,14 @@ class KVCacheInferencer:
             self._ids.ortvalue.update_inplace(self._host_step_ids)
             self._pos_ids.ortvalue.update_inplace(np.full((self.batch_size, 1), pos, np.int64))
 
-    def _bind_chunk_inputs(self, ids: np.ndarray, pos: int) -> None:
-        m, io = self.manifest, self._chunk_io
+    def _bind_chunk_inputs(self, io: ort.IOBinding, ids: np.ndarray, pos: int, logits: bool) -> None:
+        m = self.manifest
         io.bind_cpu_input(m.input_ids, np.ascontiguousarray(ids, dtype=np.int64))
         if m.position_ids:
             positions = np.broadcast_to(np.arange(pos, pos + ids.shape[1], dtype=np.int64), ids.shape)
             io.bind_cpu_input(m.position_ids, np.ascontiguousarray(positions))
-        io.bind_output(m.logits, self.model.device, self.model.device_id)  # the shape changes per call
+        if logits:
+            io.bind_output(m.logits, self.model.device, self.model.device_id)  # the shape changes per call
 
     def _check_ids(self, token_ids) -> tuple[np.ndarray, bool]:
         """Validates without touching any state; returns ([batch_size, n] ids, squeeze flag)."""

@@ -45,6 +45,7 @@ class Manifest:
     model_file: str = "model.onnx"
     logits_dtype: str = "float32"
     attention: str = "GroupQueryAttention"  # the attention op, for device checks ("standard": plain ops)
+    next_token: str | None = None   # optional output: argmax of the last position's logits, [B] int64
     model_bytes: int | None = None  # size of model_file when exported: a cheap truncation check
     source: str = "manifest.json"   # where this manifest came from
 
@@ -80,6 +81,7 @@ class Manifest:
                 "position_ids": self.position_ids,
                 "attention_mask": self.attention_mask,
                 "logits": self.logits,
+                "next_token": self.next_token,
                 "past_key": list(self.past_key),
                 "past_value": list(self.past_value),
                 "present_key": list(self.present_key),
@@ -103,7 +105,7 @@ class Manifest:
                 hidden_size=int(data["hidden_size"]), vocab_size=int(data["vocab_size"]),
                 max_positions=int(data["max_positions"]), dtype=str(data["dtype"]),
                 logits_dtype=str(data.get("logits_dtype", "float32")),
-                attention=str(data.get("attention", "GroupQueryAttention")),
+                attention=str(data.get("attention", "GroupQueryAttention")), next_token=io.get("next_token"),
                 layout=str(cache["layout"]), input_ids=io["input_ids"], position_ids=io.get("position_ids"),
                 attention_mask=io.get("attention_mask"), logits=io["logits"],
                 past_key=tuple(io["past_key"]), past_value=tuple(io["past_value"]),
@@ -142,7 +144,7 @@ class Manifest:
         Raises ModelFormatError listing every missing name and every contradicting dimension."""
         need_in = [self.input_ids, *self.past_key, *self.past_value]
         need_in += [n for n in (self.position_ids, self.attention_mask) if n]
-        need_out = [self.logits, *self.present_key, *self.present_value]
+        need_out = [self.logits, *self.present_key, *self.present_value] + ([self.next_token] if self.next_token else [])
         missing = [f"input {n!r}" for n in need_in if n not in inputs]
         missing += [f"output {n!r}" for n in need_out if n not in outputs]
         if missing:

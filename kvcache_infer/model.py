@@ -111,6 +111,22 @@ class Model:
         self.manifest: Manifest = manifest
 
     @property
+    def tokenizer(self):
+        """The `tokenizers.Tokenizer` from tokenizer.json beside the model, or None when there is none."""
+        if not hasattr(self, "_tokenizer"):
+            path = self.dir / "tokenizer.json"
+            if not path.is_file():
+                self._tokenizer = None
+            else:
+                try:
+                    from tokenizers import Tokenizer
+                except ImportError:
+                    raise InvalidInputError(f"{path} needs the `tokenizers` package: pip install "
+                                            "'kvcache-infer[text]'") from None
+                self._tokenizer = Tokenizer.from_file(str(path))
+        return self._tokenizer
+
+    @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 

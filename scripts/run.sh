@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The main job: set up .venv, export GPT-2 small (random weights, seed 0) with our exporter and,
-# for the baseline, through Optimum, then run the latency benchmark (CPU, 2 intra-op threads).
+# The main job: set up .venv; generate with the committed default model (models/pybytes, a byte-level
+# GPT-2 trained on the Python standard library); then export GPT-2 small (random weights, seed 0)
+# with our exporter and through Optimum (the baseline) and run the latency benchmark
+# (CPU, 2 intra-op threads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
+echo "== the default model (models/pybytes), greedy, streamed =="
+.venv/bin/kvcache-infer generate --model models/pybytes --prompt "def fibonacci(n):" --max-new-tokens 200 --threads 2
+echo
+echo "== GPT-2 small: export, then latency side by side =="
 [ -f models/gpt2/manifest.json ] || $PY -m export --config gpt2 --seed 0 --out models/gpt2
 [ -f models/gpt2-optimum/model.onnx ] || $PY -m benchmarks.optimum_export --config gpt2 --seed 0 --out models/gpt2-optimum
 $PY -m benchmarks.latency --model models/gpt2 --optimum models/gpt2-optimum --threads "${THREADS:-2}" "$@"

@@ -1,0 +1,208 @@
+"""kvcache-infer: generate, bench, profile, info. Errors are one line on stderr, exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KVCacheError
+
+DEFAULT_MODEL = os.environ.get("KVCACHE_INFER_MODEL", "models/pybytes")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas or spaces, got {text!r}") from None
+
+
+def _model_args(p: argparse.ArgumentParser, runs: bool = True) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model folder with model.onnx and manifest.json (default: {DEFAULT_MODEL}, or $KVCACHE_INFER_MODEL)")
+    if runs:
+        p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="execution device (default cpu)")
+        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+
+
+def _inferencer(a, max_seq_len=None):
+    from .inferencer import KVCacheInferencer
+    return KVCacheInferencer(a.model, device=a.device, intra_op_threads=a.threads, max_seq_len=max_seq_len)
+
+
+def cmd_generate(a) -> int:
+    inf = _inferencer(a)
+    prompt = a.prompt if a.ids is None else a.ids
+    t0 = time.perf_counter()
+    n = 0
+    for piece in inf.stream(prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                            seed=a.seed, stop_ids=a.stop_ids or ()):
+        print(piece if isinstance(piece, str) else f"{piece} ", end="", flush=True)
+        n += 1
+    wall = time.perf_counter() - t0
+    m = inf.metrics
+    print(file=sys.stderr)
+    print(f"[{n} new tokens in {wall:.2f} s | first token {m.first_token_ms:.2f} ms | cached token "
+          f"p50 {m.cached_token_p50_ms or 0:.3f} ms, p90 {m.cached_token_p90_ms or 0:.3f} ms | "
+          f"{inf.device}, {inf.manifest.dtype}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    inf = _inferencer(a, max_seq_len=None)
+    V, cap = inf.manifest.vocab_size, inf.capacity
+    positions = [p for p in a.positions if p + a.steps <= cap and p >= a.warmup]
+    if not positions:
+        raise KVCacheError(f"no position in {a.positions} fits {a.steps} steps within the capacity {cap}")
+    ids = np.random.default_rng(0).integers(0, V, size=cap)
+    first = []
+    for _ in range(a.repeats):
+        inf.reset_cache()
+        t = time.perf_counter()
+        inf.forward(ids[:a.prompt_len])
+        first.append((time.perf_counter() - t) * 1e3)
+    res = {"model": a.model, "device": inf.device, "threads": a.threads, "dtype": inf.manifest.dtype,
+           "first_token_ms": {"prompt_len": a.prompt_len, "median": float(np.median(first)),
+                              "min": float(min(first)), "max": float(max(first))}, "cached_token_ms": {}}
+    print(f"first token ({a.prompt_len}-token prompt): median {np.median(first):.3f} ms "
+          f"(min {min(first):.3f}, max {max(first):.3f})")
+    for p in positions:
+        ms = []
+        for _ in range(a.repeats):
+            inf.reset_cache()
+            inf.forward(ids[:p - a.warmup])
+            for i in range(a.warmup):
+                inf.forward(ids[p - a.warmup + i:p - a.warmup + i + 1])
+            for i in range(a.steps):
+                t = time.perf_counter()
+                inf.forward(ids[p + i:p + i + 1])
+                ms.append((time.perf_counter() - t) * 1e3)
+        res["cached_token_ms"][str(p)] = {"median": float(np.median(ms)), "min": float(min(ms)), "max": float(max(ms))}
+        print(f"cached token at position {p:5d}: median {np.median(ms):.3f} ms (min {min(ms):.3f}, max {max(ms):.3f})")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def cmd_profile(a) -> int:
+    from .cache import LAYOUTS
+    from .manifest import load_manifest
+    from .metrics import MemoryProfile
+    m = load_manifest(Path(a.model))
+    if m is None:
+        from .model import Model
+        m = Model(a.model).manifest
+    cap = a.max_seq_len or m.max_positions
+    if cap > m.max_positions or cap < 1:
+        raise KVCacheError(f"--max-seq-len {cap} is outside [1, {m.max_positions}] (the model's position limit)")
+    if a.batch_size < 1:
+        raise KVCacheError(f"--batch-size must be >= 1, got {a.batch_size}")
+    total = LAYOUTS[m.layout][1] * m.cache_bytes_per_token * cap * a.batch_size
+    prof = MemoryProfile(layout=m.layout, device="(not allocated)", dtype=m.dtype, total_cache_bytes=total,
+                         used_cache_bytes=0, free_cache_bytes=total, bytes_per_token=m.cache_bytes_per_token,
+                         tokens=0, capacity_tokens=cap * a.batch_size, active_sequences=a.batch_size,
+                         io_buffer_bytes=0)
+    print(f"{a.model}: {m.num_layers} layers x {m.num_kv_heads} heads x head_dim {m.head_dim}, {m.dtype}")
+    print(f"formula: {LAYOUTS[m.layout][1]} x 2 x layers x heads x head_dim x max_seq_len x batch x bytes = "
+          f"{LAYOUTS[m.layout][1]} x 2 x {m.num_layers} x {m.num_kv_heads} x {m.head_dim} x {cap} x {a.batch_size} x "
+          f"{m.cache_bytes_per_token // (2 * m.num_layers * m.num_kv_heads * m.head_dim)} = {total} bytes")
+    print(prof.report())
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .model import Model
+    model = Model(a.model)
+    m = model.manifest
+    print(f"model      : {model.file} ({model.file.stat().st_size / 1e6:.1f} MB)")
+    print(f"manifest   : {m.source}")
+    print(f"geometry   : {m.num_layers} layers, {m.num_heads} heads ({m.num_kv_heads} KV), head_dim {m.head_dim}, "
+          f"hidden {m.hidden_size}, vocab {m.vocab_size}, {m.max_positions} positions")
+    print(f"precision  : weights/cache {m.dtype}, logits {m.logits_dtype}")
+    print(f"cache      : {m.layout} layout, {m.cache_bytes_per_token} bytes per token, attention {m.attention}")
+    print(f"tokenizer  : {'tokenizer.json' if (model.dir / 'tokenizer.json').is_file() else 'none (token ids only)'}")
+    print("inputs     :")
+    for x in model.session.get_inputs():
+        print(f"  {x.name:24s} {x.type:16s} {x.shape}")
+    print("outputs    :")
+    for x in model.session.get_outputs():
+        print(f"  {x.name:24s} {x.type:16s} {x.shape}")
+    try:
+        import onnx
+        g = onnx.load(str(model.file), load_external_data=False).graph
+        counts: dict[str, int] = {}
+        for node in g.node:
+            key = f"{node.domain + '.' if node.domain else ''}{node.op_type}"
+            counts[key] = counts.get(key, 0) + 1
+        print("ops        : " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    except ImportError:
+        print("ops        : (install `onnx` to list the graph's operators)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvcache-infer", description="KV-cache decoding of GPT-2 style ONNX models.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate tokens or text, streamed to the terminal",
+                       description="Decode from a prompt, streaming new text (or ids) as they come, then print a "
+                                   "latency summary on stderr.")
+    _model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (the model folder must have a tokenizer.json)")
+    src.add_argument("--ids", type=_ints, help="prompt token ids, e.g. '1,2,3'")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with probability >= p")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (repeatable output)")
+    g.add_argument("--stop-ids", type=_ints, default=None, help="stop after any of these token ids, e.g. '0,10'")
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="first-token and cached-token latency of one model",
+                       description="Time the first token of a prompt and one-token steps at several positions "
+                                   "(random ids; medians with min/max). For side-by-side comparisons with other "
+                                   "runtimes, use `python -m benchmarks.latency` from the checkout.")
+    _model_args(b)
+    b.add_argument("--prompt-len", type=int, default=32, help="prompt length for the first token (default 32)")
+    b.add_argument("--positions", type=int, nargs="+", default=[32, 128, 512, 1000],
+                   help="cache positions to time one-token steps at (default 32 128 512 1000; those that fit)")
+    b.add_argument("--steps", type=int, default=16, help="timed steps per position and repeat (default 16)")
+    b.add_argument("--warmup", type=int, default=4, help="untimed steps before each timed run (default 4)")
+    b.add_argument("--repeats", type=int, default=3, help="repeats (default 3)")
+    b.add_argument("--json", help="also write the results to this JSON file")
+    b.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("profile", help="cache memory for a model and max_seq_len, without running it",
+                       description="Compute the KV-cache memory from the manifest (nothing is allocated).")
+    _model_args(p, runs=False)
+    p.add_argument("--max-seq-len", type=int, default=None, help="cache capacity (default: the model's limit)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default 1)")
+    p.set_defaults(fn=cmd_profile)
+
+    i = sub.add_parser("info", help="what the manifest and the graph say",
+                       description="Print geometry, precision, cache layout, I/O and the graph's operators.")
+    _model_args(i, runs=False)
+    i.set_defaults(fn=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (KVCacheError, OSError) as e:
+        print(f"kvcache-infer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nkvcache-infer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

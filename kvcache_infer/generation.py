@@ -1,0 +1,96 @@
+"""Token generation on top of an inferencer: sampling, the decode loop, text through a tokenizer."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .errors import CapacityError, InvalidInputError
+
+
+class Sampler:
+    """Picks the next token from a logits row. temperature 0: greedy (argmax). Otherwise softmax of
+    logits / temperature, restricted to the top_k tokens, then to the smallest set whose probability
+    reaches top_p; seeded (numpy's PCG64) so that a seed repeats its tokens."""
+
+    def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, vocab: int | None = None):
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise InvalidInputError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise InvalidInputError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise InvalidInputError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise InvalidInputError(f"seed must be an int >= 0 or None, got {seed!r}")
+        self.temperature, self.top_p = float(temperature), top_p
+        self.top_k = None if top_k is None or (vocab and top_k >= vocab) else int(top_k)
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.greedy:
+            return int(logits.argmax())
+        x = logits.astype(np.float64) / self.temperature
+        idx = np.argpartition(-x, self.top_k - 1)[: self.top_k] if self.top_k else np.arange(x.size)
+        p = np.exp(x[idx] - x[idx].max())
+        p /= p.sum()
+        if self.top_p is not None and self.top_p < 1:
+            order = np.argsort(-p, kind="stable")
+            keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]
+            idx, p = idx[keep], p[keep] / p[keep].sum()
+        return int(idx[min(int(np.searchsorted(np.cumsum(p), self.rng.random(), side="right")), idx.size - 1)])
+
+
+def check_prompt(inf, prompt_ids, max_new_tokens: int, stop_ids) -> tuple[np.ndarray, frozenset]:
+    """Validates a generation request before anything runs; returns ([1, n] ids, stop set)."""
+    if inf.batch_size != 1:
+        raise InvalidInputError(f"generate/stream decode one sequence (batch_size=1); this inferencer has "
+                                f"batch_size={inf.batch_size}: use forward() with fork() for batches")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InvalidInputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    ids, _ = inf._check_ids(prompt_ids)
+    V = inf.manifest.vocab_size
+    try:
+        stop = frozenset(int(s) for s in (stop_ids or ()))
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"stop_ids must be an iterable of token ids, got {stop_ids!r}") from None
+    if any(not 0 <= s < V for s in stop):
+        raise InvalidInputError(f"stop_ids must be in [0, {V}), got {sorted(stop)}")
+    need = inf.position + ids.shape[1] + max_new_tokens - 1   # the last new token is not fed back
+    if need > inf.capacity:
+        raise CapacityError(
+            f"{ids.shape[1]} prompt tokens + {max_new_tokens} new tokens at position {inf.position} need "
+            f"{need} cache rows but the capacity is {inf.capacity} (max_seq_len={inf.capacity}); shorten the "
+            f"prompt, lower max_new_tokens, or reset_cache()")
+    return ids, stop
+
+
+def stream_ids(inf, ids: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: frozenset) -> Iterator[int]:
+    """Feeds the prompt, then yields new tokens one by one (each fed back before the next)."""
+    nxt = inf._step(ids, sampler)
+    for i in range(max_new_tokens):
+        yield nxt
+        if nxt in stop or i + 1 == max_new_tokens:
+            return
+        nxt = inf._step(np.array([[nxt]], dtype=np.int64), sampler)
+
+
+def stream_text(tokenizer, ids_iter: Iterator[int]) -> Iterator[str]:
+    """Decodes incrementally; holds back text that ends in an incomplete UTF-8 sequence."""
+    new: list[int] = []
+    sent = ""
+    for tok in ids_iter:
+        new.append(tok)
+        text = tokenizer.decode(new)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(sent):
+            yield text[len(sent):]
+            sent = text
+    text = tokenizer.decode(new)
+    if len(text) > len(sent):
+        yield text[len(sent):]
