@@ -43,12 +43,15 @@ class DeviceBuffer:
         self.ptr = self.ortvalue.data_ptr()
         self.nbytes = int(np.prod(shape)) * self.dtype.itemsize
 
-    def write(self, array: np.ndarray) -> None:
-        """Copies a host array of the buffer's full shape and dtype into the buffer."""
+    def write_at(self, index, array: np.ndarray) -> None:
+        """buffer[index] = array. CPU: in place; CUDA: through a host copy of the whole buffer
+        (ORT's Python API has no device-to-device or partial copy)."""
         if self.host is not None:
-            self.host[...] = array
+            self.host[index] = array
         else:
-            self.ortvalue.update_inplace(np.ascontiguousarray(array))
+            full = self.to_host()
+            full[index] = array
+            self.ortvalue.update_inplace(full)
 
     def to_host(self) -> np.ndarray:
         return self.host if self.host is not None else self.ortvalue.numpy()
@@ -106,22 +109,14 @@ class InPlaceCache:
     def write(self, rows: list[tuple[np.ndarray, np.ndarray]]) -> None:
         n = rows[0][0].shape[2]
         for buf, arr in zip(self.keys + self.values, [k for k, _ in rows] + [v for _, v in rows]):
-            if buf.host is not None:
-                buf.host[:, :, :n] = arr
-            else:  # CUDA: through the host (ORT's Python API has no device-to-device copy)
-                full = buf.to_host()
-                full[:, :, :n] = arr
-                buf.write(full)
+            buf.write_at(np.s_[:, :, :n], arr)
         self.offset = n
 
     def fork(self, src: int, dst: list[int]) -> None:
         n = self.offset
         for buf in self.keys + self.values:
-            a = buf.to_host()                         # CPU: the buffer itself; CUDA: a host copy
-            for d in dst:
-                a[d, :, :n] = a[src, :, :n]
-            if buf.host is None:
-                buf.write(a)
+            rows = buf.to_host()[src, :, :n]          # a view on the CPU, a host copy on CUDA
+            buf.write_at(np.s_[dst, :, :n], rows[None])
 
     def data_ptrs(self) -> list[int]:
         return [b.ptr for b in self.keys + self.values]
@@ -181,12 +176,7 @@ class GrowingCache:
             return
         back = self.bufs[1 - front]
         for buf, rows in zip(back, (t for kv in self.read(length) for t in kv)):
-            if buf.host is not None:
-                buf.host[: rows.size] = rows.ravel()
-            else:
-                full = buf.to_host()
-                full[: rows.size] = rows.ravel()
-                buf.write(full)
+            buf.write_at(np.s_[: rows.size], rows.ravel())
         self._state = (1 - front, length)
 
     def reset(self) -> None:
@@ -202,24 +192,18 @@ class GrowingCache:
         n = rows[0][0].shape[2]
         front = self._state[0]
         for buf, arr in zip(self.bufs[front], (t for kv in rows for t in kv)):
-            if buf.host is not None:
-                buf.host[: arr.size] = arr.ravel()
-            else:
-                full = buf.to_host()
-                full[: arr.size] = arr.ravel()
-                buf.write(full)
+            buf.write_at(np.s_[: arr.size], arr.ravel())
         self._state = (front, n)
 
     def fork(self, src: int, dst: list[int]) -> None:
         front, n = self._state
         shape = self._kv_shape(n)
+        count = int(np.prod(shape))
         for buf in self.bufs[front]:
-            flat = buf.to_host()
-            a = flat[: int(np.prod(shape))].reshape(shape)
-            for d in dst:
-                a[d] = a[src]
+            packed = buf.to_host()[:count].reshape(shape)   # [B,H,n,D] packed at the buffer's start
+            packed[dst] = packed[src]
             if buf.host is None:
-                buf.write(flat)
+                buf.write_at(np.s_[:count], packed.ravel())
 
     def data_ptrs(self) -> list[int]:
         return [b.ptr for side in self.bufs for b in side]
