@@ -23,12 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced if it exists)")
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                     help="weights and KV cache precision (logits are float32 either way; default float32)")
+    ap.add_argument("--weights", choices=["int8", "int4"], default=None,
+                    help="weight-only quantization of every MatMul (lm_head included) and the embedding Gather "
+                         "with ORT's MatMulNBits quantizer; the export is then checked against a quality budget "
+                         "instead of equality (default: none, weights stay in --dtype)")
+    ap.add_argument("--block-size", type=int, default=128,
+                    help="quantization block size along K (default 128: faster than 32 on our CPU)")
+    ap.add_argument("--asymmetric", action="store_true",
+                    help="asymmetric quantization (with zero points); default symmetric")
     ap.add_argument("--parity-rtol", type=float, default=None,
                     help="parity tolerance: max |ort - torch| <= RTOL * max(1, max |logit|) "
                          "(default 1e-4 for float32, 2e-2 for float16)")
     args = ap.parse_args(argv)
     if args.parity_rtol is None:
         args.parity_rtol = 1e-4 if args.dtype == "float32" else 2e-2
+    if args.weights and args.dtype != "float32":
+        ap.error("--weights quantizes float32 weights: use it with --dtype float32")
     if not args.parity_rtol > 0:
         ap.error(f"--parity-rtol must be > 0, got {args.parity_rtol}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -42,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print("loading the source model ...", flush=True)
         hf, desc, tok_dir = load_source(model=args.model, config=args.config, seed=args.seed)
         export_gpt2(hf, args.out, source=desc, tokenizer_dir=tok_dir, dtype=args.dtype, parity_rtol=args.parity_rtol,
+                    weights=args.weights, block_size=args.block_size, symmetric=not args.asymmetric,
                     log=lambda s: print(s, flush=True))
     except ParityError as e:
         print(f"export FAILED: {e}", file=sys.stderr)

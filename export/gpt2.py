@@ -60,11 +60,13 @@ def check_config(config) -> None:
         raise ValueError("unsupported GPT-2 configuration: " + "; ".join(problems))
 
 
-def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32"):
+def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32", lm_head: str = "tied"):
     """Returns an onnx.ModelProto for a GPT2LMHeadModel given its config and numpy state dict.
 
     `state` uses Hugging Face names (`transformer.h.0.attn.c_attn.weight`, ...). Weights and the
     KV cache are `dtype` ("float32" or "float16"); the logits output is always float32.
+    lm_head "tied": FusedMatMul(transB=1) on wte itself (stored once); "matmul": a plain MatMul on a
+    transposed copy [E,V], the form weight-only quantizers convert (they skip other ops).
     """
     check_config(config)
     np_dtype = np.dtype(dtype)
@@ -97,7 +99,8 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     last = g.const_i64("const/minus_one", -1)
     (last_pos,) = g.node("Gather", [pos, last], name="lengths/last_position", axis=1)
     (seqlens_k,) = g.node("Cast", [last_pos], name="lengths/seqlens_k", to=TensorProto.INT32)
-    (max_k,) = g.node("ReduceMax", [seqlens_k], name="lengths/max_seqlens_k", axes=[0], keepdims=0)
+    # ReduceMax over all axes (no `axes`): the same node is valid in opset 17 and in 21 (after quantization)
+    (max_k,) = g.node("ReduceMax", [seqlens_k], name="lengths/max_seqlens_k", keepdims=0)
     one = g.weight("const/one_i32", np.asarray(1, dtype=np.int32))
     (total_len,) = g.node("Add", [max_k, one], name="lengths/total_sequence_length")
     (s_len,) = g.node("Shape", [ids], name="lengths/chunk_len", start=1, end=2)
@@ -105,7 +108,7 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     (b_shape,) = g.node("Shape", [seqlens_k], name="lengths/batch_shape")
     (q_seqlens,) = g.node("Expand", [s_len32, b_shape], name="lengths/query_seqlens")
 
-    # Embeddings; wte is stored once and shared with the lm_head.
+    # Embeddings; with lm_head="tied", wte is stored once and shared with the lm_head.
     wte = g.weight("wte", w("transformer.wte.weight").astype(np_dtype))
     wpe = g.weight("wpe", w("transformer.wpe.weight").astype(np_dtype))
     (tok,) = g.node("Gather", [wte, ids], name="embed/tokens")
@@ -159,11 +162,16 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
                   epsilon=eps)
     if "lm_head.weight" in state and not np.array_equal(w("lm_head.weight"), w("transformer.wte.weight")):
         raise ValueError("lm_head.weight differs from transformer.wte.weight: untied GPT-2 heads are not supported")
-    if dtype == "float32":
-        g.node("FusedMatMul", [x, wte], name="lm_head", domain=MS_DOMAIN, outputs=[names["logits"]],
-               transA=0, transB=1, alpha=1.0)
-    else:  # half-precision weights and cache; the logits leave the graph as fp32
-        (lg,) = g.node("FusedMatMul", [x, wte], name="lm_head", domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)
+    if lm_head not in ("tied", "matmul"):
+        raise ValueError(f"lm_head must be 'tied' or 'matmul', got {lm_head!r}")
+    out = [names["logits"]] if dtype == "float32" else None  # half precision: a Cast to fp32 follows
+    if lm_head == "tied":
+        (lg,) = g.node("FusedMatMul", [x, wte], name="lm_head", domain=MS_DOMAIN, outputs=out,
+                       transA=0, transB=1, alpha=1.0)
+    else:
+        w_head = g.weight("lm_head/w", np.ascontiguousarray(w("transformer.wte.weight").T).astype(np_dtype))
+        (lg,) = g.node("MatMul", [x, w_head], name="lm_head", outputs=out)
+    if out is None:
         g.node("Cast", [lg], name="logits_fp32", outputs=[names["logits"]], to=TensorProto.FLOAT)
     # Greedy decoding's next token, so that a greedy step need not copy the logits row to the host.
     (last_logits,) = g.node("Gather", [names["logits"], last], name="next_token/last_position", axis=1)  # [B,V]

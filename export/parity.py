@@ -9,12 +9,14 @@ class ParityError(RuntimeError):
 
 
 def check_parity(hf_model, model_dir, *, prompt_len: int = 8, steps: int = 8, batch: int = 2,
-                 rtol: float = 1e-4, seed: int = 1234) -> dict:
+                 rtol: float = 1e-4, seed: int = 1234, budget: dict | None = None) -> dict:
     """Decodes through KVCacheInferencer (the runtime path, shared past/present buffers) and
     compares every step's last-position logits with GPT2LMHeadModel on the whole sequence.
 
     Tolerance: max |ort - torch| <= rtol * max(1, max |torch logits|) (absolute 1e-4 for
-    logits of order 1). Raises ParityError with the worst position when it fails."""
+    logits of order 1). With `budget` (quantized weights), a quality budget instead:
+    mean |ort - torch| <= budget["mean_err_over_std"] x std(torch logits) and top-1 agreement >=
+    budget["top1"]. Raises ParityError with the numbers when it fails."""
     import torch
 
     from kvcache_infer import KVCacheInferencer
@@ -39,6 +41,15 @@ def check_parity(hf_model, model_dir, *, prompt_len: int = 8, steps: int = 8, ba
     result = {"max_abs_diff": float(diff.max()), "logit_scale": scale, "tolerance": tol,
               "prompt_len": prompt_len, "steps": total - prompt_len, "batch": batch,
               "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean())}
+    result["mean_err_over_std"] = float(diff.mean() / want.std())
+    if budget is not None:
+        result["budget"] = budget
+        if not (result["mean_err_over_std"] <= budget["mean_err_over_std"] and result["top1_agreement"] >= budget["top1"]):
+            raise ParityError(
+                f"quantized logits miss the quality budget: mean |diff| / std = {result['mean_err_over_std']:.3f} "
+                f"(budget {budget['mean_err_over_std']}), top-1 agreement {result['top1_agreement']:.3f} "
+                f"(budget {budget['top1']})")
+        return result
     if not diff.max() <= tol:
         raise ParityError(
             f"exported logits differ from GPT2LMHeadModel: max |diff| = {diff.max():.3e} > tolerance {tol:.3e} "

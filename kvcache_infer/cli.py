@@ -123,7 +123,7 @@ def cmd_info(a) -> int:
     print(f"manifest   : {m.source}")
     print(f"geometry   : {m.num_layers} layers, {m.num_heads} heads ({m.num_kv_heads} KV), head_dim {m.head_dim}, "
           f"hidden {m.hidden_size}, vocab {m.vocab_size}, {m.max_positions} positions")
-    print(f"precision  : weights/cache {m.dtype}, logits {m.logits_dtype}")
+    print(f"precision  : weights {m.weights or m.dtype}, cache {m.dtype}, logits {m.logits_dtype}")
     print(f"cache      : {m.layout} layout, {m.cache_bytes_per_token} bytes per token, attention {m.attention}")
     print(f"tokenizer  : {'tokenizer.json' if (model.dir / 'tokenizer.json').is_file() else 'none (token ids only)'}")
     print("inputs     :")

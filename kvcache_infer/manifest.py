@@ -46,6 +46,7 @@ class Manifest:
     logits_dtype: str = "float32"
     attention: str = "GroupQueryAttention"  # the attention op, for device checks ("standard": plain ops)
     next_token: str | None = None   # optional output: argmax of the last position's logits, [B] int64
+    weights: str | None = None      # weight format when it differs from dtype (e.g. "int8", "int4")
     model_bytes: int | None = None  # size of model_file when exported: a cheap truncation check
     source: str = "manifest.json"   # where this manifest came from
 
@@ -70,6 +71,7 @@ class Manifest:
             "max_positions": self.max_positions,
             "dtype": self.dtype,
             "logits_dtype": self.logits_dtype,
+            "weights": self.weights or self.dtype,
             "attention": self.attention,
             "cache": {
                 "layout": self.layout,
@@ -106,6 +108,7 @@ class Manifest:
                 max_positions=int(data["max_positions"]), dtype=str(data["dtype"]),
                 logits_dtype=str(data.get("logits_dtype", "float32")),
                 attention=str(data.get("attention", "GroupQueryAttention")), next_token=io.get("next_token"),
+                weights=data.get("weights"),
                 layout=str(cache["layout"]), input_ids=io["input_ids"], position_ids=io.get("position_ids"),
                 attention_mask=io.get("attention_mask"), logits=io["logits"],
                 past_key=tuple(io["past_key"]), past_value=tuple(io["past_value"]),

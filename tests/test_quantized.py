@@ -1,0 +1,63 @@
+"""Weight-only int8/int4 exports: every MatMul quantized (lm_head included), cache path intact."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from export.pipeline import QUALITY_BUDGET, export_gpt2
+from kvcache_infer import KVCacheInferencer
+
+from .conftest import hf_logits
+
+
+@pytest.fixture(scope="module")
+def quantized(hf_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    return {w: export_gpt2(hf_models["tiny-a"], root / w, source={}, weights=w, log=lambda s: None)
+            for w in ("int8", "int4")}
+
+
+@pytest.mark.parametrize("w", ["int8", "int4"])
+def test_quantized_graph_and_manifest(w, quantized):
+    m = onnx.load(str(quantized[w] / "model.onnx"))
+    ops = [n.op_type for n in m.graph.node]
+    assert "MatMul" not in ops and "FusedMatMul" not in ops       # every weight matmul quantized
+    assert ops.count("MatMulNBits") == 2 * 4 + 1                   # 4 per layer + the lm_head
+    head = next(n for n in m.graph.node if n.name.startswith("lm_head"))
+    assert head.op_type == "MatMulNBits"
+    assert {a.name: a.i for a in head.attribute}["bits"] == {"int8": 8, "int4": 4}[w]
+    data = json.loads((quantized[w] / "manifest.json").read_text())
+    assert data["weights"] == w and data["quantization"]["block_size"] == 128
+    assert data["parity"]["budget"] == QUALITY_BUDGET[w]
+
+
+@pytest.mark.parametrize("w,err", [("int8", 0.05), ("int4", 0.3)])
+def test_quantized_logits_track_pytorch(w, err, quantized, hf_models, rng):
+    tokens = rng.integers(0, 1000, size=(2, 50))
+    ref = hf_logits(hf_models["tiny-a"], tokens)[:, 9:]
+    inf = KVCacheInferencer(quantized[w], batch_size=2)
+    got = np.stack([inf.forward(tokens[:, :10])] + [inf.forward(tokens[:, t:t + 1]) for t in range(10, 50)], 1)
+    assert np.abs(got - ref).mean() / ref.std() < err
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= QUALITY_BUDGET[w]["top1"]   # random weights: near-flat logits
+
+
+def test_quantized_chunked_equals_one_shot_and_greedy_matches(quantized, rng):
+    tokens = rng.integers(0, 1000, size=40)
+    d = quantized["int4"]
+    one = KVCacheInferencer(d).forward(tokens)
+    inf = KVCacheInferencer(d)
+    for a, b in ((0, 13), (13, 14), (14, 40)):
+        got = inf.forward(tokens[a:b])
+    np.testing.assert_allclose(got, one, atol=1e-4 * np.abs(one).max(), rtol=0)
+    inf.reset_cache()
+    fast = inf.generate(tokens[:5], 20)
+    ref, logits = KVCacheInferencer(d), None
+    logits = ref.forward(tokens[:5])
+    slow = []
+    for _ in range(20):
+        slow.append(int(logits.argmax()))
+        logits = ref.forward([slow[-1]])
+    assert fast == slow
