@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
-echo "== the default model (models/pybytes), greedy, streamed =="
-.venv/bin/kvcache-infer generate --model models/pybytes --prompt "def fibonacci(n):" --max-new-tokens 200 --threads 2
+echo "== the default model (models/pybytes), sampled (seeded), streamed =="
+.venv/bin/kvcache-infer generate --model models/pybytes --prompt $'class Queue:\n    def __init__(self' \
+    --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 1 --threads 2
 echo
 echo "== GPT-2 small: export, then latency side by side =="
 [ -f models/gpt2/manifest.json ] || $PY -m export --config gpt2 --seed 0 --out models/gpt2
