@@ -72,6 +72,7 @@ def main() -> None:
     m = test_m.manifest
     res = {"environment": environment(a.threads), "device": a.device, "provider": test_m.providers[0],
            "ref": str(a.ref), "test": str(a.test), "ref_dtype": ref_m.manifest.dtype, "test_dtype": m.dtype,
+           "ref_weights": ref_m.manifest.weights or ref_m.manifest.dtype, "test_weights": m.weights or m.dtype,
            "steps": len(agree), "prompts": a.prompts, "prompt_len": a.prompt_len,
            "teacher_forced_top1_agreement": float(np.mean(agree)),
            "max_abs_logit_diff": float(np.max(diffs)), "median_abs_logit_diff": float(np.median(diffs)),
@@ -81,7 +82,7 @@ def main() -> None:
            "seconds": time.perf_counter() - t0}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"{res['test_dtype']} vs {res['ref_dtype']} over {res['steps']} greedy steps ({a.prompts} prompts): top-1 "
+    print(f"{res['test_weights']} vs {res['ref_weights']} over {res['steps']} greedy steps ({a.prompts} prompts): top-1 "
           f"agreement {100 * res['teacher_forced_top1_agreement']:.1f}% (teacher-forced), max |logit diff| "
           f"{res['max_abs_logit_diff']:.2e} ({100 * res['max_diff_over_logit_range']:.2f}% of the logit range); "
           f"free-running greedy first diverges at steps {first_div}; cache bytes/token "

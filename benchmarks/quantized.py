@@ -51,7 +51,12 @@ def matvec_bandwidth(threads: int, mbytes: int = 200, runs: int = 30) -> dict:
 def weight_bytes_per_step(path: Path) -> tuple[int, int]:
     """(bytes of weights a decode step reads, file size): initializers minus embedding tables."""
     m = onnx.load(str(path / "model.onnx"), load_external_data=False)
-    tables = {n.input[0] for n in m.graph.node if n.op_type in EMBEDDING_OPS}
+    users: dict[str, set] = {}
+    for n in m.graph.node:
+        for i, name in enumerate(n.input):
+            users.setdefault(name, set()).add(n.op_type if i == 0 else n.op_type + "/other")
+    # a table only embedding lookups read (one row per token); wte tied to the lm_head is read whole
+    tables = {name for name, ops in users.items() if ops and ops <= set(EMBEDDING_OPS)}
     total = sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer if t.name not in tables)
     return total, (path / "model.onnx").stat().st_size
 
@@ -59,7 +64,7 @@ def weight_bytes_per_step(path: Path) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=Path, nargs="+", default=[Path("models/gpt2"), Path("models/gpt2-int8"),
-                                                                Path("models/gpt2-int4")])
+                                                                Path("models/gpt2-int4"), Path("models/gpt2-int4-fp16")])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--positions", type=int, nargs="+", default=[32, 128, 512, 1000])
     ap.add_argument("--steps", type=int, default=16)
