@@ -38,10 +38,13 @@ def _inferencer(a, max_seq_len=None):
 def cmd_generate(a) -> int:
     inf = _inferencer(a)
     prompt = a.prompt if a.ids is None else a.ids
+    pieces = inf.stream(prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                        seed=a.seed, stop_ids=a.stop_ids or ())      # validated here, before any output
+    if a.ids is None:
+        print(a.prompt, end="", flush=True)                          # text: the continuation follows it
     t0 = time.perf_counter()
     n = 0
-    for piece in inf.stream(prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                            seed=a.seed, stop_ids=a.stop_ids or ()):
+    for piece in pieces:
         print(piece if isinstance(piece, str) else f"{piece} ", end="", flush=True)
         n += 1
     wall = time.perf_counter() - t0
