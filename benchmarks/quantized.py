@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
 from kvcache_infer import KVCacheInferencer, Model
+from kvcache_infer.bench import time_decode_steps
 
 from .common import environment, session_options, summarize
 
@@ -93,14 +94,7 @@ def main() -> None:
         for pos in a.positions:
             for name, inf in infs.items():
                 time.sleep(0.05)
-                inf.reset_cache()
-                inf.forward(ids[:pos - a.warmup])
-                for i in range(a.warmup):
-                    inf.forward(ids[pos - a.warmup + i:pos - a.warmup + i + 1])
-                for i in range(a.steps):
-                    t = time.perf_counter()
-                    inf.forward(ids[pos + i:pos + i + 1])
-                    samples.setdefault((name, pos), []).append((time.perf_counter() - t) * 1e3)
+                samples.setdefault((name, pos), []).extend(time_decode_steps(inf, ids, pos, a.warmup, a.steps))
     res = {"environment": environment(a.threads), "bandwidth": bw, "models": info, "decode": {}}
     lines = [f"| model | weights | file MB | MB read/step @32 | " + " | ".join(f"ms @{p}" for p in a.positions)
              + " | floor ms @32 | of floor @32 |", "|---" * (6 + len(a.positions)) + "|"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench import time_decode_steps
 from .errors import KVCacheError
 
 DEFAULT_MODEL = os.environ.get("KVCACHE_INFER_MODEL", "models/pybytes")
@@ -75,16 +76,7 @@ def cmd_bench(a) -> int:
     print(f"first token ({a.prompt_len}-token prompt): median {np.median(first):.3f} ms "
           f"(min {min(first):.3f}, max {max(first):.3f})")
     for p in positions:
-        ms = []
-        for _ in range(a.repeats):
-            inf.reset_cache()
-            inf.forward(ids[:p - a.warmup])
-            for i in range(a.warmup):
-                inf.forward(ids[p - a.warmup + i:p - a.warmup + i + 1])
-            for i in range(a.steps):
-                t = time.perf_counter()
-                inf.forward(ids[p + i:p + i + 1])
-                ms.append((time.perf_counter() - t) * 1e3)
+        ms = [x for _ in range(a.repeats) for x in time_decode_steps(inf, ids, p, a.warmup, a.steps)]
         res["cached_token_ms"][str(p)] = {"median": float(np.median(ms)), "min": float(min(ms)), "max": float(max(ms))}
         print(f"cached token at position {p:5d}: median {np.median(ms):.3f} ms (min {min(ms):.3f}, max {max(ms):.3f})")
     if a.json:
