@@ -86,6 +86,7 @@ class KVCacheInferencer:
             self._greedy_step_io.bind_ortvalue_input(m.input_ids, self._ids.ortvalue)
             self._greedy_step_io.bind_ortvalue_input(m.position_ids, self._pos_ids.ortvalue)
         self._host_step_ids = np.zeros((B, 1), np.int64)  # staging for CUDA's update_inplace
+        self._host_step_pos = np.zeros((B, 1), np.int64)
 
         self._latency = LatencyTracker()
         self._busy = threading.Lock()  # one sequence: a second thread gets ConcurrentUseError
@@ -241,7 +242,8 @@ class KVCacheInferencer:
         else:                                           # CUDA: copy into the bound device buffers
             self._host_step_ids[:] = ids
             self._ids.ortvalue.update_inplace(self._host_step_ids)
-            self._pos_ids.ortvalue.update_inplace(np.full((self.batch_size, 1), pos, np.int64))
+            self._host_step_pos.fill(pos)
+            self._pos_ids.ortvalue.update_inplace(self._host_step_pos)
 
     def _bind_chunk_inputs(self, io: ort.IOBinding, ids: np.ndarray, pos: int, logits: bool) -> None:
         m = self.manifest
