@@ -49,11 +49,11 @@ def main() -> None:
         for x in (g_inf, f_inf, fa_inf):
             x.reset_cache()
         it = g_inf.stream(prompt, a.tokens)
-        tok = next(it)                                      # the prompt
+        next(it)                                            # the prompt
         f_logits = f_inf.forward(prompt)
         fa_tok = int(fa_inf.forward(prompt).argmax())
         for _ in range(a.tokens - 1):
-            t = time.perf_counter(); tok = next(it); gen.append((time.perf_counter() - t) * 1e3)
+            t = time.perf_counter(); next(it); gen.append((time.perf_counter() - t) * 1e3)
             nxt = [int(f_logits.argmax())]
             t = time.perf_counter(); f_logits = f_inf.forward(nxt); fwd.append((time.perf_counter() - t) * 1e3)
             t = time.perf_counter(); fa_tok = int(fa_inf.forward([fa_tok]).argmax())
