@@ -16,12 +16,18 @@ def summarize(ms: list[float]) -> dict:
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _main_module() -> str:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec is not None else os.path.basename(sys.argv[0])
 
 
 def environment(threads: int) -> dict:
@@ -30,7 +36,7 @@ def environment(threads: int) -> dict:
     import kvcache_infer
     return {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.latency", *sys.argv[1:]]),
+        "command": " ".join(["python", "-m", _main_module(), *sys.argv[1:]]),
         "python": sys.version.split()[0], "numpy": np.__version__, "onnxruntime": ort.__version__,
         "kvcache_infer": kvcache_infer.__version__, "platform": platform.platform(), "cpu": cpu_name(),
         "logical_cpus": os.cpu_count(), "intra_op_threads": threads, "inter_op_threads": 1,

@@ -16,50 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
 from kvcache_infer import KVCacheInferencer, Model
 from kvcache_infer.bench import time_decode_steps
 
 from .common import environment, session_options, summarize
-
-EMBEDDING_OPS = ("Gather", "GatherBlockQuantized")
-
-
-def matvec_bandwidth(threads: int, mbytes: int = 200, runs: int = 30) -> dict:
-    K = 4096
-    N = mbytes * 2**20 // (4 * K)
-    w = np.random.default_rng(0).standard_normal((K, N), dtype=np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mv",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
-                          [numpy_helper.from_array(w, "w")])
-    sess = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
-                                session_options(threads), providers=["CPUExecutionProvider"])
-    x = np.ones((1, K), np.float32)
-    for _ in range(3):
-        sess.run(None, {"x": x})
-    ms = []
-    for _ in range(runs):
-        t = time.perf_counter(); sess.run(None, {"x": x}); ms.append((time.perf_counter() - t) * 1e3)
-    med = float(np.median(ms))
-    return {"bytes": int(w.nbytes), "median_ms": med, "GB_per_s": w.nbytes / med / 1e6, "runs": runs}
-
-
-def weight_bytes_per_step(path: Path) -> tuple[int, int]:
-    """(bytes of weights a decode step reads, file size): initializers minus embedding tables."""
-    m = onnx.load(str(path / "model.onnx"), load_external_data=False)
-    users: dict[str, set] = {}
-    for n in m.graph.node:
-        for i, name in enumerate(n.input):
-            users.setdefault(name, set()).add(n.op_type if i == 0 else n.op_type + "/other")
-    # a table only embedding lookups read (one row per token); wte tied to the lm_head is read whole
-    tables = {name for name, ops in users.items() if ops and ops <= set(EMBEDDING_OPS)}
-    total = sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer if t.name not in tables)
-    return total, (path / "model.onnx").stat().st_size
+from .floor import matvec_bandwidth, weight_bytes_per_step
 
 
 def main() -> None:
@@ -96,7 +59,7 @@ def main() -> None:
                 time.sleep(0.05)
                 samples.setdefault((name, pos), []).extend(time_decode_steps(inf, ids, pos, a.warmup, a.steps))
     res = {"environment": environment(a.threads), "bandwidth": bw, "models": info, "decode": {}}
-    lines = [f"| model | weights | file MB | MB read/step @32 | " + " | ".join(f"ms @{p}" for p in a.positions)
+    lines = ["| model | weights | file MB | MB read/step @32 | " + " | ".join(f"ms @{p}" for p in a.positions)
              + " | floor ms @32 | of floor @32 |", "|---" * (6 + len(a.positions)) + "|"]
     for name in infs:
         d = {}

@@ -11,9 +11,9 @@ JSON + PNG under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import os
 import gc
 import json
+import os
 import time
 from pathlib import Path
 

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="first-token and cached-token latency of one model",
                        description="Time the first token of a prompt and one-token steps at several positions "
                                    "(random ids; medians with min/max). For side-by-side comparisons with other "
-                                   "runtimes, use `python -m benchmarks.latency` from the checkout.")
+                                   "runtimes, use `python -m benchmarks.suite` from the checkout.")
     _model_args(b)
     b.add_argument("--prompt-len", type=int, default=32, help="prompt length for the first token (default 32)")
     b.add_argument("--positions", type=int, nargs="+", default=[32, 128, 512, 1000],

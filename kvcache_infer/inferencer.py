@@ -205,6 +205,16 @@ class KVCacheInferencer:
             out = self._run(ids, greedy=False)
             return out[0] if squeeze else out
 
+    def next_tokens(self, token_ids) -> np.ndarray | int:
+        """Like forward(), but returns the greedy next token instead of logits: an int for 1-D input,
+        a [batch_size] int64 array for 2-D input. Comes from the graph's argmax output where the model
+        has one (no logits row leaves the device), else from the logits. Changes in place exactly what
+        forward() changes; on any error nothing observable changes."""
+        with self._enter("next_tokens"):
+            ids, squeeze = self._check_ids(token_ids)
+            out = self._run(ids, greedy=True)
+            return int(out[0]) if squeeze else out
+
     def _run(self, ids: np.ndarray, greedy: bool) -> np.ndarray:
         """One run over validated [B, n] ids: [B, V] float32 logits, or with greedy=True the [B] int64
         argmax of the last position (from the graph's next_token output when it has one)."""
@@ -286,7 +296,11 @@ class KVCacheInferencer:
                 f"{n} token(s) at position {self.cache.offset} would exceed the cache capacity of {self.capacity} "
                 f"tokens (max_seq_len={self.capacity}); call reset_cache() or construct with a larger "
                 f"max_seq_len (model limit {self.manifest.max_positions})")
-        lo, hi = int(a.min()), int(a.max())
+        if a.size <= 64:                    # a decode step: builtins beat two numpy reductions here
+            vals = a.ravel().tolist()
+            lo, hi = min(vals), max(vals)
+        else:
+            lo, hi = int(a.min()), int(a.max())
         V = self.manifest.vocab_size
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi

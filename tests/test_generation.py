@@ -42,6 +42,35 @@ def test_in_graph_argmax_equals_host_argmax(exported, rng):
     assert fast == slow
 
 
+@pytest.mark.parametrize("layout", ["inplace", "growing"])
+def test_next_tokens_is_forward_then_argmax_per_row(layout, exported, optimum_dir, rng):
+    """Batched greedy steps: next_tokens() == forward().argmax(-1), chunk or single token, on both layouts."""
+    path = exported["tiny-a"] if layout == "inplace" else optimum_dir
+    fast, slow = KVCacheInferencer(path, batch_size=3), KVCacheInferencer(path, batch_size=3)
+    ids = rng.integers(0, 1000, size=(3, 5))
+    tok, logits = fast.next_tokens(ids), slow.forward(ids)
+    for _ in range(20):
+        assert tok.dtype == np.int64 and tok.shape == (3,)
+        np.testing.assert_array_equal(tok, logits.argmax(-1))
+        tok, logits = fast.next_tokens(tok[:, None]), slow.forward(tok[:, None])
+    assert fast.position == slow.position == 25
+    one = KVCacheInferencer(path)
+    assert isinstance(one.next_tokens([1, 2, 3]), int)                  # 1-D in, an int out
+
+
+def test_next_tokens_rejects_bad_input_and_changes_nothing(exported):
+    inf = KVCacheInferencer(exported["tiny-a"], batch_size=2, max_seq_len=8)
+    inf.next_tokens(np.zeros((2, 6), np.int64))
+    before = inf.snapshot()
+    for bad, err in [(np.zeros((3, 1), np.int64), InvalidInputError), (np.full((2, 1), 1000), InvalidInputError),
+                     (np.zeros((2, 1), np.float32), InvalidInputError), (np.zeros((2, 3), np.int64), CapacityError)]:
+        with pytest.raises(err):
+            inf.next_tokens(bad)
+        assert inf.position == 6
+    after = inf.snapshot()
+    assert all(np.array_equal(x, y) for a, b in zip(before.layers, after.layers) for x, y in zip(a, b))
+
+
 def test_greedy_on_growing_layout_falls_back_to_host_argmax(optimum_dir, exported, rng):
     prompt = rng.integers(0, 1000, size=6)
     assert KVCacheInferencer(optimum_dir).generate(prompt, 25) == KVCacheInferencer(exported["tiny-a"]).generate(prompt, 25)

@@ -1,0 +1,115 @@
+"""The comparison suite's systems decode the same tokens as PyTorch, and the suite reports every one.
+
+A benchmark that compares systems doing different work is meaningless: every adapter in
+benchmarks/peers.py must produce PyTorch's greedy tokens (reference: no cache, the whole prefix
+recomputed in GPT2LMHeadModel), at batch 2, through its own cache.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import suite
+from benchmarks.peers import GenAI, HFEager, NoCache, OptimumORT, Ours, PlainOrtLoop
+from tests.conftest import hf_logits
+
+STEPS = 10
+
+
+def reference_tokens(hf, prompt: np.ndarray, steps: int) -> np.ndarray:
+    ids, out = prompt, []
+    for _ in range(steps + 1):
+        nxt = hf_logits(hf, ids)[:, -1].argmax(-1)
+        out.append(nxt)
+        ids = np.concatenate([ids, nxt[:, None]], axis=1)
+    return np.stack(out, axis=1)                                     # [B, steps + 1]
+
+
+@pytest.fixture(scope="module")
+def systems(exported, optimum_dir, hf_models):
+    ours = exported["tiny-a"]
+    cap = {2: 64}
+    return [Ours(ours, 2, cap), NoCache(ours, 2, cap), HFEager(hf_models["tiny-a"], 2),
+            OptimumORT(optimum_dir, 2, io_binding=False), OptimumORT(optimum_dir, 2, io_binding=True),
+            PlainOrtLoop(optimum_dir, 2), GenAI(optimum_dir, 2, "optimum", 64), GenAI(ours, 2, "ours", 64)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_system_decodes_pytorchs_greedy_tokens(systems, hf_models, seed):
+    prompt = np.random.default_rng(seed).integers(0, 1000, size=(2, 9))
+    want = reference_tokens(hf_models["tiny-a"], prompt, STEPS)
+    for s in systems:
+        tok = s.start(prompt)
+        got = [tok]
+        for _ in range(STEPS):
+            tok = s.step(tok)
+            got.append(tok)
+        np.testing.assert_array_equal(np.stack(got, axis=1), want, err_msg=s.name)
+
+
+def test_a_second_sequence_starts_from_an_empty_cache(systems, hf_models):
+    rng = np.random.default_rng(5)
+    first, second = rng.integers(0, 1000, size=(2, 7)), rng.integers(0, 1000, size=(2, 4))
+    want = reference_tokens(hf_models["tiny-a"], second, 3)
+    for s in systems:
+        s.start(first)
+        s.step(s.step(np.zeros(2, np.int64)))
+        tok = s.start(second)
+        got = [tok]
+        for _ in range(3):
+            tok = s.step(tok)
+            got.append(tok)
+        np.testing.assert_array_equal(np.stack(got, axis=1), want, err_msg=s.name)
+
+
+def test_suite_runs_every_system_and_writes_its_reports(tmp_path):
+    out = tmp_path / "results"
+    suite.main(["--configs", "tiny", "--models-dir", str(tmp_path / "models"), "--out-dir", str(out),
+                "--results-md", str(tmp_path / "RESULTS.md"), "--repeats", "1", "--batch-repeats", "1",
+                "--positions", "32", "--batches", "1", "2", "--batch-position", "32", "--contexts", "10",
+                "--steps", "2", "--warmup", "1", "--nocache-steps", "1", "--nocache-repeats", "1",
+                "--mem-seq-lens", "64", "128"])
+    r = json.loads((out / "suite_tiny_cpu.json").read_text())
+    assert r["not_run"] == {} and r["failed"] == {}
+    assert set(r["decode"]) == set(suite.ALL)
+    for name in suite.ALL:
+        if name != "no-cache":
+            assert set(r["decode"][name]) == {"1", "2"}, name       # the batch sweep reached everyone
+            assert r["decode"][name]["1"]["32"]["n"] == 2
+            assert name in r["first_token"]
+    assert set(r["decode"]["no-cache"]["1"]) == {"10", "32"}
+    ours = r["decode"]["kvcache-infer"]["1"]["32"]
+    assert 0 < ours["fraction_of_floor"] and ours["bytes_read"] > r["model"]["weight_bytes_per_step"]
+    assert r["bandwidth"]["start"]["GB_per_s"] > 0
+    assert [(x["max_seq_len"], x["batch"]) for x in r["memory"]] == [(64, 1), (64, 2), (128, 1), (128, 2)]
+    assert all(x["equal"] for x in r["memory"])
+    assert "tiny_pos32_vs_ort_plain" in r["checks"]
+    for kind in ("latency", "batch", "memory"):
+        assert (out / f"suite_tiny_cpu_{kind}.png").stat().st_size > 1000
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "| 32 |" in md and "genai-on-our-graph" in md
+
+
+def _cell(ms):
+    return {"median_ms": ms, "min_ms": ms, "max_ms": ms, "n": 1, "tokens_per_s": 1e3 / ms}
+
+
+def test_bars_compare_with_the_best_peer_only():
+    """genai-on-our-graph (our own graph) and no-cache are not peers; the fastest real peer is the bar."""
+    d = {n: {"1": {"32": _cell(10.0), "512": _cell(10.0)}} for n in suite.PEERS}
+    d["ort-plain"]["1"]["32"] = _cell(9.0)
+    d["genai-on-our-graph"] = {"1": {"32": _cell(1.0), "512": _cell(1.0)}}
+    d["kvcache-infer"] = {"1": {"32": {**_cell(7.2), "fraction_of_floor": 0.9},
+                                "128": _cell(8.0), "512": _cell(7.4)},
+                          "16": {"128": {**_cell(14.0), "tokens_per_s": 16e3 / 14.0}}}
+    r = {"config": "gpt2", "decode": d, "memory": [], "workload": {"batch_position": 128}}
+    c = suite.checks(r)
+    assert c["pos32_vs_best_peer"]["best_peer"] == "ort-plain"
+    assert c["pos32_vs_best_peer"]["ratio"] == pytest.approx(0.8) and c["pos32_vs_best_peer"]["pass"]
+    assert c["pos512_vs_best_peer"]["ratio"] == pytest.approx(0.74) and c["pos512_vs_best_peer"]["pass"]
+    assert c["pos32_fraction_of_floor"]["pass"]
+    assert c["batch16_vs_batch1_tokens_per_s"]["ratio"] == pytest.approx(16 * 8.0 / 14.0)
+    d["kvcache-infer"]["1"]["512"] = _cell(7.6)
+    assert not suite.checks(r)["pos512_vs_best_peer"]["pass"]
