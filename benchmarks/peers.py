@@ -28,7 +28,8 @@ class Ours:
 
     name = "kvcache-infer"
 
-    def __init__(self, path: Path, threads: int, capacity: dict[int, int]):
+    def __init__(self, path: Path, threads: int, capacity: dict[int, int], name: str = "kvcache-infer"):
+        self.name = name
         self.model = Model(path, intra_op_threads=threads, session_options=session_options(threads))
         self.capacity = capacity           # batch size -> max_seq_len to allocate for it
         self.infs: dict[int, KVCacheInferencer] = {}
@@ -55,7 +56,7 @@ class NoCache(Ours):
     name = "no-cache"
 
     def __init__(self, path: Path, threads: int, capacity: dict[int, int]):
-        super().__init__(path, threads, capacity)
+        super().__init__(path, threads, capacity, name="no-cache")
         self.info = {**self.info, "runtime": "reset_cache() + next_tokens(whole prefix) per token"}
 
     def start(self, prompt):

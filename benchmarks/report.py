@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ORDER = ("kvcache-infer", "hf-eager", "optimum", "optimum-iobinding", "genai", "ort-plain", "genai-on-our-graph",
+VARIANTS = ("kvcache-infer-int8", "kvcache-infer-int4")   # weight-only quantized exports of ours
+ORDER = ("kvcache-infer", *VARIANTS, "hf-eager", "optimum", "optimum-iobinding", "genai", "ort-plain", "genai-on-our-graph",
          "no-cache")
 
 
@@ -35,7 +36,7 @@ def markdown(r: dict) -> str:
              (f"**ms per generated token, batch 1** (median, min-max over {w['repeats']} x {w['steps']} steps; "
              "each step feeds one token and picks the next):"),
              ""]
-    names = [n for n in _names(r, d) if n != "no-cache"]
+    names = [n for n in _names(r, d) if n not in ("no-cache", *VARIANTS)]
     lines += ["| position | " + " | ".join(names) + " | ours: % of floor |", "|---" * (len(names) + 2) + "|"]
     for p in w["positions"]:
         row = [_cell(d[n]["1"][str(p)]) if str(p) in d[n].get("1", {}) else "-" for n in names]
@@ -51,6 +52,22 @@ def markdown(r: dict) -> str:
             s = d[n].get(str(b), {}).get(bp)
             row.append(f"{s['median_ms']:.2f} ({s['tokens_per_s']:.0f} tok/s)" if s else "-")
         lines.append(f"| {b} | " + " | ".join(row) + " |")
+    variants = [n for n in ("kvcache-infer", *VARIANTS) if n in d and n in r["model"].get("variants", {})]
+    if len(variants) > 1:
+        lines += ["", "**Weight-only quantized exports of ours** (`python -m export ... --weights int8|int4`, "
+                  "MatMulNBits, block 128, accuracy_level 4): ms per generated token at batch 1 (% of each one's own "
+                  f"floor), and tokens/s at batch 16 (position {bp}):", "",
+                  "| export | file MB | MB read/step @32 | " + " | ".join(f"@{p}" for p in w["positions"])
+                  + " | batch 16 tok/s |", "|---" * (len(w["positions"]) + 4) + "|"]
+        for n in variants:
+            v, row = r["model"]["variants"][n], d[n]["1"]
+            b16 = d[n].get("16", {}).get(bp)
+            cells = [f"{row[str(p)]['median_ms']:.2f} ({100 * row[str(p)]['fraction_of_floor']:.0f}%)"
+                     if str(p) in row else "-" for p in w["positions"]]
+            read32 = row[str(w["positions"][0])]["bytes_read"] / 1e6 if str(w["positions"][0]) in row else float("nan")
+            label = n.removeprefix("kvcache-infer-") if n != "kvcache-infer" else "fp32"
+            lines.append(f"| {label} | {v['file_bytes'] / 1e6:.1f} | {read32:.1f} | " + " | ".join(cells)
+                         + (f" | {b16['tokens_per_s']:.0f} |" if b16 else " | - |"))
     ft = r["first_token"]
     lines += ["", (f"**First token** ({w['prompt_len']}-token prompt, prefill + first pick, batch 1, median of "
               f"{w['repeats']}) vs a cached token at position {w['positions'][0]}:"), "",
@@ -102,16 +119,17 @@ def plots(r: dict, stem: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for n in _names(r, d):
         pts = sorted((int(p), s) for p, s in d[n].get("1", {}).items() if int(p) in w["positions"] or n in
-                     ("kvcache-infer", "no-cache"))
+                     ("kvcache-infer", *VARIANTS))
         if not pts or n == "no-cache":
             continue
         xs = [p for p, _ in pts]
         ax.errorbar(xs, [s["median_ms"] for _, s in pts],
                     yerr=[[s["median_ms"] - s["min_ms"] for _, s in pts], [s["max_ms"] - s["median_ms"] for _, s in pts]],
-                    marker="o", capsize=3, label=n, lw=2.5 if n == "kvcache-infer" else 1.2)
+                    marker="o", capsize=3, label=n, lw=2.5 if n == "kvcache-infer" else 1.2,
+                    ls="--" if n in VARIANTS else "-")
     ours = d["kvcache-infer"]["1"]
     fl = sorted((int(p), s["floor_ms"]) for p, s in ours.items())
-    ax.plot([p for p, _ in fl], [f for _, f in fl], "k--", lw=1, label="memory-bandwidth floor")
+    ax.plot([p for p, _ in fl], [f for _, f in fl], "k:", lw=1.2, label="memory-bandwidth floor (fp32)")
     ax.set(xlabel="cache position (tokens before the step)", ylabel="ms per generated token (median, min-max)",
            title=f"{title}: batch 1")
     ax.set_ylim(bottom=0)
@@ -127,7 +145,8 @@ def plots(r: dict, stem: Path) -> list[Path]:
     for n in _names(r, d):
         pts = sorted((int(b), v[bp]["tokens_per_s"]) for b, v in d[n].items() if bp in v and int(b) in w["batches"])
         if len(pts) > 1:
-            ax.plot([b for b, _ in pts], [t for _, t in pts], marker="o", label=n, lw=2.5 if n == "kvcache-infer" else 1.2)
+            ax.plot([b for b, _ in pts], [t for _, t in pts], marker="o", label=n,
+                    lw=2.5 if n == "kvcache-infer" else 1.2, ls="--" if n in VARIANTS else "-")
     ax.set(xlabel="batch size", ylabel="generated tokens/s (median step)", title=f"{title}: position {bp}")
     ax.set_xticks(w["batches"])
     ax.set_ylim(bottom=0)

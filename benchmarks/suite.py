@@ -51,25 +51,30 @@ PEERS = ("hf-eager", "optimum", "optimum-iobinding", "genai", "ort-plain")
 ALL = ("kvcache-infer", *PEERS, "genai-on-our-graph", "no-cache")
 
 
-def ensure_exports(config: str, seed: int, root: Path) -> tuple[Path, Path]:
+def ensure_exports(config: str, seed: int, root: Path, weights=()) -> tuple[Path, Path]:
+    """Our export at root/CONFIG (and root/CONFIG-int8 ... per `weights`), Optimum's at root/CONFIG-optimum."""
     ours, optimum = root / config, root / f"{config}-optimum"
-    if not (ours / "manifest.json").is_file():
-        print(f"exporting {config} (seed {seed}) to {ours}", flush=True)
-        subprocess.run([sys.executable, "-m", "export", "--config", config, "--seed", str(seed), "--out", str(ours)],
-                       check=True)
+    for out, w in [(ours, None), *[(root / f"{config}-{w}", w) for w in weights]]:
+        if not (out / "manifest.json").is_file():
+            print(f"exporting {config} (seed {seed}{', ' + w if w else ''}) to {out}", flush=True)
+            subprocess.run([sys.executable, "-m", "export", "--config", config, "--seed", str(seed), "--out", str(out),
+                            *(["--weights", w] if w else [])], check=True)
     if not (optimum / "model.onnx").is_file():
         print(f"exporting {config} (seed {seed}) through Optimum to {optimum}", flush=True)
         subprocess.run([sys.executable, "-m", "benchmarks.optimum_export", "--config", config, "--seed", str(seed),
                         "--out", str(optimum)], check=True)
-    src = json.loads((ours / "manifest.json").read_text())["source"]
-    if src.get("config") != config or src.get("seed") != seed:
-        raise SystemExit(f"{ours} holds {src}, not config {config} seed {seed}: remove it or pass --models-dir")
+    for path in [ours, *[root / f"{config}-{w}" for w in weights]]:
+        src = json.loads((path / "manifest.json").read_text())["source"]
+        if src.get("config") != config or src.get("seed") != seed:
+            raise SystemExit(f"{path} holds {src}, not config {config} seed {seed}: remove it or pass --models-dir")
     return ours, optimum
 
 
-def build_systems(names, ours_dir: Path, optimum_dir: Path, threads: int, capacity: dict[int, int]):
+def build_systems(names, ours_dir: Path, optimum_dir: Path, threads: int, capacity: dict[int, int], weights=()):
     """name -> system, and name -> why it could not be built (never silently dropped)."""
     makers = {
+        **{f"kvcache-infer-{w}": (lambda w=w: Ours(ours_dir.with_name(f"{ours_dir.name}-{w}"), threads, capacity,
+                                                   name=f"kvcache-infer-{w}")) for w in weights},
         "kvcache-infer": lambda: Ours(ours_dir, threads, capacity),
         "hf-eager": lambda: HFEager(hf_model_for(ours_dir), threads),
         "optimum": lambda: OptimumORT(optimum_dir, threads, io_binding=False),
@@ -80,7 +85,7 @@ def build_systems(names, ours_dir: Path, optimum_dir: Path, threads: int, capaci
         "no-cache": lambda: NoCache(ours_dir, threads, {1: capacity[1]}),
     }
     systems, not_run = {}, {}
-    for name in names:
+    for name in [*names, *(f"kvcache-infer-{w}" for w in weights)]:
         try:
             systems[name] = makers[name]()
         except Exception as e:  # noqa: BLE001  (a peer that cannot run is reported with the reason)
@@ -109,7 +114,7 @@ def time_first_token(system, ids: np.ndarray, length: int) -> float:
 
 
 def run_config(config: str, a) -> dict:
-    ours_dir, optimum_dir = ensure_exports(config, a.seed, a.models_dir)
+    ours_dir, optimum_dir = ensure_exports(config, a.seed, a.models_dir, a.weights)
     m = json.loads((ours_dir / "manifest.json").read_text())
     max_pos = m["max_positions"]
     positions = [p for p in a.positions if p + a.steps <= max_pos]
@@ -125,7 +130,7 @@ def run_config(config: str, a) -> dict:
     print(f"\n== {config}: {ours_dir} and {optimum_dir}", flush=True)
     bw_start = matvec_bandwidth(a.threads)
     print(f"read bandwidth (matrix-vector): {bw_start['GB_per_s']:.1f} GB/s", flush=True)
-    systems, not_run = build_systems(a.systems, ours_dir, optimum_dir, a.threads, capacity)
+    systems, not_run = build_systems(a.systems, ours_dir, optimum_dir, a.threads, capacity, a.weights)
     if "kvcache-infer" not in systems:
         raise SystemExit(f"kvcache-infer itself could not run: {not_run.get('kvcache-infer')}")
     rng = np.random.default_rng(a.seed)
@@ -136,7 +141,7 @@ def run_config(config: str, a) -> dict:
         if kind == "no-cache":
             return ["no-cache"] if "no-cache" in systems else []
         if kind == "ours-only":
-            return ["kvcache-infer"]
+            return [s for s in systems if s.startswith("kvcache-infer")]
         return [s for s in systems if s != "no-cache"]
 
     samples: dict = {}
@@ -168,8 +173,10 @@ def run_config(config: str, a) -> dict:
     bw_end = matvec_bandwidth(a.threads)
     print(f"read bandwidth at the end: {bw_end['GB_per_s']:.1f} GB/s", flush=True)
 
-    weights, file_bytes = weight_bytes_per_step(ours_dir)
-    kv_tok = systems["kvcache-infer"].model.manifest.cache_bytes_per_token
+    # bytes a step must read, per system of ours: (weights, file size, K/V bytes per token and row)
+    reads = {n: (*weight_bytes_per_step(s.model.dir), s.model.manifest.cache_bytes_per_token)
+             for n, s in systems.items() if n.startswith("kvcache-infer")}
+    weights, file_bytes, kv_tok = reads["kvcache-infer"]
     gbps = float(np.mean([bw_start["GB_per_s"], bw_end["GB_per_s"]]))
     res = {"config": config, "environment": environment(a.threads),
            "command": " ".join(["python", "-m", "benchmarks.suite", *sys.argv[1:]]),
@@ -178,7 +185,9 @@ def run_config(config: str, a) -> dict:
            "model": {"ours": str(ours_dir), "optimum": str(optimum_dir), "layers": m["num_layers"],
                      "heads": m["num_heads"], "head_dim": m["head_dim"], "hidden": m["hidden_size"],
                      "vocab": V, "max_positions": max_pos, "dtype": m["dtype"], "file_bytes": file_bytes,
-                     "weight_bytes_per_step": weights, "kv_bytes_per_token": kv_tok},
+                     "weight_bytes_per_step": weights, "kv_bytes_per_token": kv_tok,
+                     "variants": {n: {"path": str(systems[n].model.dir), "file_bytes": fb, "weight_bytes_per_step": wb,
+                                      "kv_bytes_per_token": kv} for n, (wb, fb, kv) in reads.items()}},
            "bandwidth": {"start": bw_start, "end": bw_end, "GB_per_s_used": gbps},
            "systems": {n: s.info for n, s in systems.items()}, "not_run": not_run, "failed": failed,
            "workload": {"positions": positions, "batches": a.batches, "batch_position": batch_pos,
@@ -193,9 +202,10 @@ def run_config(config: str, a) -> dict:
             continue
         s = summarize(ms)
         s["tokens_per_s"] = b * 1e3 / s["median_ms"]
-        if name == "kvcache-infer":
-            s["bytes_read"] = weights + kv_tok * p * b
-            s["floor_ms"] = floor_ms(weights, kv_tok, p, b, gbps)
+        if name in reads:
+            wb, _, kv = reads[name]
+            s["bytes_read"] = wb + kv * p * b
+            s["floor_ms"] = floor_ms(wb, kv, p, b, gbps)
             s["fraction_of_floor"] = s["floor_ms"] / s["median_ms"]
         res["decode"].setdefault(name, {}).setdefault(str(b), {})[str(p)] = s
     res["memory"] = memory_sweep(systems["kvcache-infer"].model, a.mem_seq_lens, a.batches)
@@ -249,6 +259,12 @@ def checks(r: dict) -> dict:
         if b16 and b1:
             ratio = b16["tokens_per_s"] / b1["tokens_per_s"]
             out["batch16_vs_batch1_tokens_per_s"] = {"ratio": ratio, "bar": 8.0, "pass": ratio >= 8.0}
+        for name, p, bar in (("kvcache-infer-int8", 32, 7.0), ("kvcache-infer-int4", 32, 3.2),
+                             ("kvcache-infer-int4", 512, 6.5)):
+            got = d.get(name, {}).get("1", {}).get(str(p))
+            if got:
+                out[f"{name.removeprefix('kvcache-infer-')}_pos{p}_ms"] = {
+                    "value": got["median_ms"], "bar": bar, "pass": got["median_ms"] <= bar}
     elif "ort-plain" in d and "32" in ours:
         ratio = ours["32"]["median_ms"] / d["ort-plain"]["1"]["32"]["median_ms"]
         out["tiny_pos32_vs_ort_plain"] = {"ratio": ratio, "bar": 0.5, "pass": ratio <= 0.5}
@@ -262,6 +278,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models-dir", type=Path, default=Path("models"))
     ap.add_argument("--systems", nargs="+", default=list(ALL), choices=ALL)
+    ap.add_argument("--weights", nargs="*", default=["int8", "int4"], choices=["int8", "int4"],
+                    help="weight-only quantized exports of ours to run too (models/NAME-int8 ...); none: --weights")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--positions", type=int, nargs="+", default=[32, 128, 512, 1000])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])

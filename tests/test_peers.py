@@ -70,11 +70,11 @@ def test_suite_runs_every_system_and_writes_its_reports(tmp_path):
                 "--results-md", str(tmp_path / "RESULTS.md"), "--repeats", "1", "--batch-repeats", "1",
                 "--positions", "32", "--batches", "1", "2", "--batch-position", "32", "--contexts", "10",
                 "--steps", "2", "--warmup", "1", "--nocache-steps", "1", "--nocache-repeats", "1",
-                "--mem-seq-lens", "64", "128"])
+                "--mem-seq-lens", "64", "128", "--weights", "int4"])
     r = json.loads((out / "suite_tiny_cpu.json").read_text())
     assert r["not_run"] == {} and r["failed"] == {}
-    assert set(r["decode"]) == set(suite.ALL)
-    for name in suite.ALL:
+    assert set(r["decode"]) == {*suite.ALL, "kvcache-infer-int4"}
+    for name in [*suite.ALL, "kvcache-infer-int4"]:
         if name != "no-cache":
             assert set(r["decode"][name]) == {"1", "2"}, name       # the batch sweep reached everyone
             assert r["decode"][name]["1"]["32"]["n"] == 2
@@ -86,10 +86,13 @@ def test_suite_runs_every_system_and_writes_its_reports(tmp_path):
     assert [(x["max_seq_len"], x["batch"]) for x in r["memory"]] == [(64, 1), (64, 2), (128, 1), (128, 2)]
     assert all(x["equal"] for x in r["memory"])
     assert "tiny_pos32_vs_ort_plain" in r["checks"]
+    int4 = r["model"]["variants"]["kvcache-infer-int4"]                 # its own floor, from its own file
+    assert int4["weight_bytes_per_step"] < r["model"]["weight_bytes_per_step"]
+    assert r["decode"]["kvcache-infer-int4"]["1"]["32"]["floor_ms"] < ours["floor_ms"]
     for kind in ("latency", "batch", "memory"):
         assert (out / f"suite_tiny_cpu_{kind}.png").stat().st_size > 1000
     md = (tmp_path / "RESULTS.md").read_text()
-    assert "| 32 |" in md and "genai-on-our-graph" in md
+    assert "| 32 |" in md and "genai-on-our-graph" in md and "| int4 |" in md
 
 
 def _cell(ms):
