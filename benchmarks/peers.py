@@ -100,7 +100,8 @@ class OptimumORT:
     """Optimum's ORTModelForCausalLM on its own export (text-generation-with-past), in a loop."""
 
     def __init__(self, path: Path, threads: int, io_binding: bool):
-        import optimum.onnxruntime
+        from importlib.metadata import version
+
         import torch
         from optimum.onnxruntime import ORTModelForCausalLM
         self.torch = torch
@@ -111,7 +112,7 @@ class OptimumORT:
             raise RuntimeError(f"asked Optimum for use_io_binding={io_binding}, got {self.m.use_io_binding}")
         self.ones = torch.ones((1, 1), dtype=torch.long)
         self.info = {"graph": str(path), "runtime": f"optimum ORTModelForCausalLM (optimum-onnx "
-                     f"{getattr(optimum.onnxruntime, '__version__', '?')}), use_io_binding={io_binding}",
+                     f"{version('optimum-onnx')}), use_io_binding={io_binding}",
                      "cache": "past fed back, present = Concat(past, new)", "provider": self.m.providers[0]}
 
     def _run(self, ids, past, length):
