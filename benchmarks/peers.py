@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,8 +24,6 @@ from .common import session_options
 
 class Ours:
     """kvcache-infer: our export, KVCacheInferencer.next_tokens (in-graph argmax, cache in place)."""
-
-    name = "kvcache-infer"
 
     def __init__(self, path: Path, threads: int, capacity: dict[int, int], name: str = "kvcache-infer"):
         self.name = name
@@ -52,8 +49,6 @@ class Ours:
 
 class NoCache(Ours):
     """No cache: our graph, the whole prefix recomputed from an empty cache for every new token."""
-
-    name = "no-cache"
 
     def __init__(self, path: Path, threads: int, capacity: dict[int, int]):
         super().__init__(path, threads, capacity, name="no-cache")
@@ -184,7 +179,8 @@ class GenAI:
         import onnxruntime_genai as og
         self.og, self.max_length = og, max_length
         self.name = {"optimum": "genai", "ours": "genai-on-our-graph"}[graph]
-        self.dir = Path(tempfile.mkdtemp(prefix="genai-"))
+        self._tmp = tempfile.TemporaryDirectory(prefix="genai-")   # removed with this object
+        self.dir = Path(self._tmp.name)
         os.symlink((path / "model.onnx").resolve(), self.dir / "model.onnx")
         config = genai_config(path, graph, threads, max_length)
         (self.dir / "genai_config.json").write_text(json.dumps(config, indent=1))
@@ -206,9 +202,6 @@ class GenAI:
         # genai feeds back the token it picked itself: the same greedy token the caller passes here
         self.gen.generate_next_token()
         return self.gen.get_next_tokens().astype(np.int64)
-
-    def __del__(self):
-        shutil.rmtree(getattr(self, "dir", ""), ignore_errors=True)
 
 
 def genai_config(path: Path, graph: str, threads: int, max_length: int) -> dict:

@@ -13,7 +13,7 @@ def _cell(s: dict) -> str:
     return f"{s['median_ms']:.2f} ({s['min_ms']:.2f}-{s['max_ms']:.2f})"
 
 
-def _names(r: dict, present: dict) -> list[str]:
+def _names(present: dict) -> list[str]:
     return [n for n in ORDER if n in present]
 
 
@@ -36,7 +36,7 @@ def markdown(r: dict) -> str:
              (f"**ms per generated token, batch 1** (median, min-max over {w['repeats']} x {w['steps']} steps; "
              "each step feeds one token and picks the next):"),
              ""]
-    names = [n for n in _names(r, d) if n not in ("no-cache", *VARIANTS)]
+    names = [n for n in _names(d) if n not in ("no-cache", *VARIANTS)]
     lines += ["| position | " + " | ".join(names) + " | ours: % of floor |", "|---" * (len(names) + 2) + "|"]
     for p in w["positions"]:
         row = [_cell(d[n]["1"][str(p)]) if str(p) in d[n].get("1", {}) else "-" for n in names]
@@ -54,9 +54,9 @@ def markdown(r: dict) -> str:
         lines.append(f"| {b} | " + " | ".join(row) + " |")
     variants = [n for n in ("kvcache-infer", *VARIANTS) if n in d and n in r["model"].get("variants", {})]
     if len(variants) > 1:
-        lines += ["", "**Weight-only quantized exports of ours** (`python -m export ... --weights int8|int4`, "
+        lines += ["", ("**Weight-only quantized exports of ours** (`python -m export ... --weights int8|int4`, "
                   "MatMulNBits, block 128, accuracy_level 4): ms per generated token at batch 1 (% of each one's own "
-                  f"floor), and tokens/s at batch 16 (position {bp}):", "",
+                  f"floor), and tokens/s at batch 16 (position {bp}):"), "",
                   "| export | file MB | MB read/step @32 | " + " | ".join(f"@{p}" for p in w["positions"])
                   + " | batch 16 tok/s |", "|---" * (len(w["positions"]) + 4) + "|"]
         for n in variants:
@@ -72,7 +72,7 @@ def markdown(r: dict) -> str:
     lines += ["", (f"**First token** ({w['prompt_len']}-token prompt, prefill + first pick, batch 1, median of "
               f"{w['repeats']}) vs a cached token at position {w['positions'][0]}:"), "",
               "| system | first token ms | cached token ms | ratio |", "|---|---|---|---|"]
-    for n in _names(r, ft):
+    for n in _names(ft):
         c = d.get(n, {}).get("1", {}).get(str(w["positions"][0]))
         lines.append(f"| {n} | {_cell(ft[n])} | {c['median_ms']:.2f} | {ft[n]['median_ms'] / c['median_ms']:.1f}x |"
                      if c else f"| {n} | {_cell(ft[n])} | - | - |")
@@ -106,6 +106,17 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, ax, stem: Path, kind: str) -> Path:
+    import matplotlib.pyplot as plt
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = stem.with_name(f"{stem.name}_{kind}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(r: dict, stem: Path) -> list[Path]:
     """latency vs position, throughput vs batch, cache memory vs max_seq_len: three PNGs."""
     try:
@@ -117,7 +128,7 @@ def plots(r: dict, stem: Path) -> list[Path]:
     d, w, title = r["decode"], r["workload"], f"{r['config']} ({r['model']['layers']} layers, {r['model']['dtype']})"
     out = []
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for n in _names(r, d):
+    for n in _names(d):
         pts = sorted((int(p), s) for p, s in d[n].get("1", {}).items() if int(p) in w["positions"] or n in
                      ("kvcache-infer", *VARIANTS))
         if not pts or n == "no-cache":
@@ -134,16 +145,11 @@ def plots(r: dict, stem: Path) -> list[Path]:
            title=f"{title}: batch 1")
     tops = [s["median_ms"] for n in d if n != "no-cache" for s in d[n].get("1", {}).values()]
     ax.set_ylim(0, 1.6 * max(tops))   # a few stalled steps would otherwise squash the medians; see the JSON
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.append(stem.with_name(stem.name + "_latency.png"))
-    fig.savefig(out[-1], dpi=110)
-    plt.close(fig)
+    out.append(_save(fig, ax, stem, "latency"))
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     bp = str(w["batch_position"])
-    for n in _names(r, d):
+    for n in _names(d):
         pts = sorted((int(b), v[bp]["tokens_per_s"]) for b, v in d[n].items() if bp in v and int(b) in w["batches"])
         if len(pts) > 1:
             ax.plot([b for b, _ in pts], [t for _, t in pts], marker="o", label=n,
@@ -151,12 +157,7 @@ def plots(r: dict, stem: Path) -> list[Path]:
     ax.set(xlabel="batch size", ylabel="generated tokens/s (median step)", title=f"{title}: position {bp}")
     ax.set_xticks(w["batches"])
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.append(stem.with_name(stem.name + "_batch.png"))
-    fig.savefig(out[-1], dpi=110)
-    plt.close(fig)
+    out.append(_save(fig, ax, stem, "batch"))
 
     if r["memory"]:
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -166,12 +167,7 @@ def plots(r: dict, stem: Path) -> list[Path]:
             line, = ax.plot([L for L, _, _ in rows], [a / 2**20 for _, a, _ in rows], marker="o", label=f"batch {b}")
             ax.plot([L for L, _, _ in rows], [f / 2**20 for _, _, f in rows], "x", color=line.get_color(), ms=9)
         ax.set(xlabel="max_seq_len", ylabel="KV cache MiB (o allocated, x formula)", title=f"{title}: cache memory")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        out.append(stem.with_name(stem.name + "_memory.png"))
-        fig.savefig(out[-1], dpi=110)
-        plt.close(fig)
+        out.append(_save(fig, ax, stem, "memory"))
     return out
 
 
