@@ -168,26 +168,25 @@ class PlainOrtLoop:
 class GenAI:
     """onnxruntime-genai's Generator (append_tokens, then generate_next_token per token).
 
-    Its model builder does not take GPT-2, so it gets a genai_config.json written here: for the
-    Optimum export (separate growing past/present) or for our export (past and present sharing one
-    max_length buffer, like ours). Model type "llama" selects genai's generic decoder-only runtime;
+    Its model builder does not take GPT-2, so it gets a genai_config.json written here for the
+    Optimum export (separate growing past/present; our packed-token graph takes inputs genai cannot
+    feed). Model type "llama" selects genai's generic decoder-only runtime;
     the graph itself does all of GPT-2's math. EOS is suppressed (min_length = max_length), so that
     every run generates exactly the tokens asked for.
     """
 
-    def __init__(self, path: Path, threads: int, graph: str, max_length: int):
+    def __init__(self, path: Path, threads: int, max_length: int):
         import onnxruntime_genai as og
         self.og, self.max_length = og, max_length
-        self.name = {"optimum": "genai", "ours": "genai-on-our-graph"}[graph]
+        self.name = "genai"
         self._tmp = tempfile.TemporaryDirectory(prefix="genai-")   # removed with this object
         self.dir = Path(self._tmp.name)
         os.symlink((path / "model.onnx").resolve(), self.dir / "model.onnx")
-        config = genai_config(path, graph, threads, max_length)
+        config = genai_config(path, threads, max_length)
         (self.dir / "genai_config.json").write_text(json.dumps(config, indent=1))
         self.model = og.Model(str(self.dir))
         self.info = {"graph": str(path), "runtime": f"onnxruntime-genai {og.__version__} Generator",
-                     "genai_config": config, "cache": "shared past/present buffer" if graph == "ours"
-                     else "past fed back, present = Concat(past, new)"}
+                     "genai_config": config, "cache": "past fed back, present = Concat(past, new)"}
 
     def start(self, prompt):
         params = self.og.GeneratorParams(self.model)
@@ -204,23 +203,14 @@ class GenAI:
         return self.gen.get_next_tokens().astype(np.int64)
 
 
-def genai_config(path: Path, graph: str, threads: int, max_length: int) -> dict:
-    """genai_config.json for a GPT-2 export: I/O names and geometry from its manifest or config.json."""
-    if graph == "ours":
-        m = json.loads((path / "manifest.json").read_text())
-        L, H, D, E = m["num_layers"], m["num_heads"], m["head_dim"], m["hidden_size"]
-        V, ctx, eos = m["vocab_size"], m["max_positions"], m["vocab_size"] - 1
-        inputs = {"input_ids": m["io"]["input_ids"], "position_ids": m["io"]["position_ids"],
-                  "past_key_names": "past_key_%d", "past_value_names": "past_value_%d"}
-        outputs = {"logits": m["io"]["logits"], "present_key_names": "present_key_%d",
-                   "present_value_names": "present_value_%d"}
-    else:
-        c = json.loads((path / "config.json").read_text())
-        L, H, E, V, ctx = c["n_layer"], c["n_head"], c["n_embd"], c["vocab_size"], c["n_positions"]
-        D, eos = E // H, min(c.get("eos_token_id", V - 1), V - 1)
-        inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
-                  "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
-        outputs = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
+def genai_config(path: Path, threads: int, max_length: int) -> dict:
+    """genai_config.json for an Optimum GPT-2 export: I/O names and geometry from its config.json."""
+    c = json.loads((path / "config.json").read_text())
+    L, H, E, V, ctx = c["n_layer"], c["n_head"], c["n_embd"], c["vocab_size"], c["n_positions"]
+    D, eos = E // H, min(c.get("eos_token_id", V - 1), V - 1)
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+              "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    outputs = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
     return {"model": {"type": "llama", "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos,
                       "context_length": ctx, "vocab_size": V,
                       "decoder": {"filename": "model.onnx", "head_size": D, "hidden_size": E, "num_attention_heads": H,
@@ -229,7 +219,7 @@ def genai_config(path: Path, graph: str, threads: int, max_length: int) -> dict:
                                   "session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
                                                       "provider_options": []}}},
             "search": {"do_sample": False, "num_beams": 1, "max_length": max_length, "min_length": max_length,
-                       "past_present_share_buffer": graph == "ours"}}
+                       "past_present_share_buffer": False}}
 
 
 def hf_model_for(path: Path):

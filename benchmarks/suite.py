@@ -45,10 +45,9 @@ from .peers import GenAI, HFEager, NoCache, OptimumORT, Ours, PlainOrtLoop, hf_m
 from .report import write_config_report, write_results_md
 
 SETTLE_S = 0.1   # idle pause between systems: each runtime's pool threads spin a while after a run
-# The tools people would use instead. genai-on-our-graph runs our own export in another runtime:
-# shown to separate graph from per-call overhead, but not one of the peers the bars compare with.
+# The tools people would use instead.
 PEERS = ("hf-eager", "optimum", "optimum-iobinding", "genai", "ort-plain")
-ALL = ("kvcache-infer", *PEERS, "genai-on-our-graph", "no-cache")
+ALL = ("kvcache-infer", *PEERS, "no-cache")
 
 
 def ensure_exports(config: str, seed: int, root: Path, weights=()) -> tuple[Path, Path]:
@@ -79,9 +78,8 @@ def build_systems(names, ours_dir: Path, optimum_dir: Path, threads: int, capaci
         "hf-eager": lambda: HFEager(hf_model_for(ours_dir), threads),
         "optimum": lambda: OptimumORT(optimum_dir, threads, io_binding=False),
         "optimum-iobinding": lambda: OptimumORT(optimum_dir, threads, io_binding=True),
-        "genai": lambda: GenAI(optimum_dir, threads, "optimum", max(capacity.values())),
+        "genai": lambda: GenAI(optimum_dir, threads, max(capacity.values())),
         "ort-plain": lambda: PlainOrtLoop(optimum_dir, threads),
-        "genai-on-our-graph": lambda: GenAI(ours_dir, threads, "ours", max(capacity.values())),
         "no-cache": lambda: NoCache(ours_dir, threads, {1: capacity[1]}),
     }
     systems, not_run = {}, {}

@@ -1,23 +1,34 @@
-"""Hugging Face GPT-2 weights -> an ONNX graph whose KV cache is updated in place.
+"""Hugging Face GPT-2 weights -> an ONNX graph of packed tokens whose KV cache is updated in place.
 
-Graph, per token chunk of S tokens at positions p..p+S-1 (B rows, E = hidden, N heads, D = E/N,
-C = cache capacity chosen by the caller, V = vocab):
+Graph, per run (T packed tokens of B cache rows, padded to S per row for attention, R logits rows;
+E = hidden, N heads, D = E/N, C = cache capacity chosen by the caller, V = vocab):
 
-    input_ids [B,S] int64, position_ids [B,S] int64
-    h  = wte[input_ids] + wpe[position_ids]                       # [B,S,E]
+    input_ids [T] int64, position_ids [T] int64                  the new tokens of every row, row after row
+    cache_lengths [B] int32                                       tokens row b holds after the run (>= 1)
+    query_lengths [B] int32                                       new tokens of row b (0: idle, cache untouched)
+    padded_tokens [B,S] int64                                     packed token of each padded cell (pads: any)
+    token_cells [T,2] int64                                       padded cell (b, s) of each packed token
+    logits_index [R] int64                                        packed tokens whose logits are wanted
+    attention_bias [1|B,1,S,C]                                    added to the scores (zeros; tree masks)
+
+    h  = wte[input_ids] + wpe[position_ids]                       # [T,E]
     per layer i:
       x    = LN1(h)                                               # fused into SkipLayerNorm
-      qkv  = x @ Wqkv + bqkv                                      # [B,S,3E], Q pre-scaled by 1/sqrt(D)
-      a, past_key_i -> present_key_i, past_value_i -> present_value_i
-           = GroupQueryAttention(qkv, past_key_i, past_value_i)   # caches [B,N,C,D]
-      h    = h + a @ Wo + bo ; x = LN2(h)                         # one SkipLayerNorm
-      h    = h + FastGelu(x @ Wfc + bfc) @ Wp + bp                # folded into the next SkipLayerNorm
-    logits = LN_f(h) @ wte^T                                      # [B,S,V], wte stored once
-    next_token = argmax(logits[:, -1])                            # [B] int64, for greedy decoding
+      qkv  = x @ Wqkv + bqkv                                      # [T,3E], Q pre-scaled
+      a    = GroupQueryAttention(qkv[padded_tokens], past_key_i, past_value_i, ...)   # [B,S,E]
+      h    = h + a[token_cells] @ Wo + bo ; x = LN2(h)            # [T,E]; one SkipLayerNorm
+      h    = h + act(x @ Wfc + bfc) @ Wp + bp                     # folded into the next SkipLayerNorm
+    logits = LN_f(h[logits_index]) @ wte^T                        # [R,V]: only the rows asked for
+    next_token = argmax(logits, -1)                               # [R] int64, for greedy decoding
 
-The cache write position comes from position_ids: GQA writes the chunk's K/V at rows
-position_ids[b,0] .. position_ids[b,-1] of the cache and attends over rows 0..position_ids[b,-1].
-Bound to the same buffer for past and present (both K and V), nothing else is copied.
+The matmuls run on the T real tokens only; attention runs on the padded [B,S] grid, where GQA's
+`query_seqlens` makes padding cells and idle rows (query_lengths 0) cost nothing and write nothing.
+Row b's new K/V land at cache rows cache_lengths[b] - query_lengths[b] .. cache_lengths[b] - 1 of
+the buffer bound as both past and present: nothing else is copied. Positions (position_ids) and
+cache rows are separate inputs, so a tree of continuations can share one cache row (position =
+depth, cache row = insertion order, attention_bias = the ancestor mask). GQA's total length is the
+capacity C (an upper bound is all it needs with query_seqlens), so a run's shapes depend on T, S,
+R and B only.
 """
 from __future__ import annotations
 
@@ -35,6 +46,12 @@ def io_names(n_layer: int) -> dict:
     return {
         "input_ids": "input_ids",
         "position_ids": "position_ids",
+        "cache_lengths": "cache_lengths",
+        "query_lengths": "query_lengths",
+        "padded_tokens": "padded_tokens",
+        "token_cells": "token_cells",
+        "logits_index": "logits_index",
+        "attention_bias": "attention_bias",
         "logits": "logits",
         "next_token": "next_token",
         "past_key": [f"past_key_{i}" for i in range(n_layer)],
@@ -61,14 +78,18 @@ def check_config(config) -> None:
 
 
 def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32", lm_head: str = "tied"):
-    """Returns an onnx.ModelProto for a GPT2LMHeadModel given its config and numpy state dict.
+    """Returns (onnx.ModelProto, I/O names) for a GPT2LMHeadModel given its config and numpy state dict.
 
-    `state` uses Hugging Face names (`transformer.h.0.attn.c_attn.weight`, ...). Weights and the
-    KV cache are `dtype` ("float32" or "float16"); the logits output is always float32.
+    `state` uses Hugging Face names (`transformer.h.0.attn.c_attn.weight`, ...). Weights, the KV
+    cache and attention_bias are `dtype` ("float32" or "float16"); the logits output is float32.
     lm_head "tied": FusedMatMul(transB=1) on wte itself (stored once); "matmul": a plain MatMul on a
     transposed copy [E,V], the form weight-only quantizers convert (they skip other ops).
     """
     check_config(config)
+    if lm_head not in ("tied", "matmul"):
+        raise ValueError(f"lm_head must be 'tied' or 'matmul', got {lm_head!r}")
+    if "lm_head.weight" in state and not np.array_equal(state["lm_head.weight"], state["transformer.wte.weight"]):
+        raise ValueError("lm_head.weight differs from transformer.wte.weight: untied GPT-2 heads are not supported")
     np_dtype = np.dtype(dtype)
     et = ONNX_DTYPE[dtype]
     E, N, L = config.n_embd, config.n_head, config.n_layer
@@ -81,47 +102,48 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     def w(key: str) -> np.ndarray:
         return np.asarray(state[key], dtype=np.float32)
 
-    g = GraphBuilder()
-    ids = g.input(names["input_ids"], TensorProto.INT64, ["batch", "seq"])
-    pos = g.input(names["position_ids"], TensorProto.INT64, ["batch", "seq"])
-    for i in range(L):
-        g.input(names["past_key"][i], et, ["batch", N, "capacity", D])
-        g.input(names["past_value"][i], et, ["batch", N, "capacity", D])
-    g.output(names["logits"], TensorProto.FLOAT, ["batch", "seq", V])
-    for i in range(L):
-        g.output(names["present_key"][i], et, ["batch", N, "capacity", D])
-        g.output(names["present_value"][i], et, ["batch", N, "capacity", D])
+    def weight(name: str, key_or_array) -> str:
+        a = w(key_or_array) if isinstance(key_or_array, str) else key_or_array
+        return g.weight(name, a.astype(np_dtype))
 
-    # GQA's length inputs, derived from the positions (rows are contiguous positions):
-    #   seqlens_k[b] = position_ids[b,-1]   (total length - 1)      [B] int32
-    #   query_seqlens[b] = S                                         [B] int32
-    #   total_sequence_length = max_b seqlens_k[b] + 1               [] int32
-    last = g.const_i64("const/minus_one", -1)
-    (last_pos,) = g.node("Gather", [pos, last], name="lengths/last_position", axis=1)
-    (seqlens_k,) = g.node("Cast", [last_pos], name="lengths/seqlens_k", to=TensorProto.INT32)
-    # ReduceMax over all axes (no `axes`): the same node is valid in opset 17 and in 21 (after quantization)
-    (max_k,) = g.node("ReduceMax", [seqlens_k], name="lengths/max_seqlens_k", keepdims=0)
+    g = GraphBuilder()
+    i64, i32 = TensorProto.INT64, TensorProto.INT32
+    ids = g.input(names["input_ids"], i64, ["tokens"])
+    pos = g.input(names["position_ids"], i64, ["tokens"])
+    cache_len = g.input(names["cache_lengths"], i32, ["rows"])
+    q_len = g.input(names["query_lengths"], i32, ["rows"])
+    padded = g.input(names["padded_tokens"], i64, ["rows", "chunk"])
+    cells = g.input(names["token_cells"], i64, ["tokens", 2])
+    keep = g.input(names["logits_index"], i64, ["logits_rows"])
+    bias_in = g.input(names["attention_bias"], et, ["bias_rows", 1, "chunk", "capacity"])
+    for i in range(L):
+        g.input(names["past_key"][i], et, ["rows", N, "capacity", D])
+        g.input(names["past_value"][i], et, ["rows", N, "capacity", D])
+    g.output(names["logits"], TensorProto.FLOAT, ["logits_rows", V])
+    for i in range(L):
+        g.output(names["present_key"][i], et, ["rows", N, "capacity", D])
+        g.output(names["present_value"][i], et, ["rows", N, "capacity", D])
+
+    # GQA's lengths: seqlens_k = cache_lengths - 1; total_sequence_length = the capacity C, an upper
+    # bound (all GQA needs with query_seqlens; measured: same results and speed as the batch maximum).
     one = g.weight("const/one_i32", np.asarray(1, dtype=np.int32))
-    (total_len,) = g.node("Add", [max_k, one], name="lengths/total_sequence_length")
-    (s_len,) = g.node("Shape", [ids], name="lengths/chunk_len", start=1, end=2)
-    (s_len32,) = g.node("Cast", [s_len], name="lengths/chunk_len_i32", to=TensorProto.INT32)
-    (b_shape,) = g.node("Shape", [seqlens_k], name="lengths/batch_shape")
-    (q_seqlens,) = g.node("Expand", [s_len32, b_shape], name="lengths/query_seqlens")
+    (seqlens_k,) = g.node("Sub", [cache_len, one], name="lengths/seqlens_k")
+    (cap,) = g.node("Shape", [names["past_key"][0]], name="lengths/capacity", start=2, end=3)
+    (cap32,) = g.node("Cast", [cap], name="lengths/capacity_i32", to=i32)
+    (total_len,) = g.node("Squeeze", [cap32, g.const_i64("const/axis0", [0])], name="lengths/total_sequence_length")
 
     # Embeddings; with lm_head="tied", wte is stored once and shared with the lm_head.
-    wte = g.weight("wte", w("transformer.wte.weight").astype(np_dtype))
-    wpe = g.weight("wpe", w("transformer.wpe.weight").astype(np_dtype))
-    (tok,) = g.node("Gather", [wte, ids], name="embed/tokens")
-    (posv,) = g.node("Gather", [wpe, pos], name="embed/positions")
+    wte = weight("wte", "transformer.wte.weight")
+    wpe = weight("wpe", "transformer.wpe.weight")
+    (tok,) = g.node("Gather", [wte, ids], name="embed/tokens")                   # [T,E]
+    (posv,) = g.node("Gather", [wpe, pos], name="embed/positions")               # [T,E]
 
     q_scale = 1.0 / np.sqrt(D)  # folded into the Q weights so that GQA runs with scale=1.0
     x_in, skip, bias = tok, posv, None  # the next SkipLayerNorm's operands: LN(x_in + skip + bias)
     for i in range(L):
         p = f"transformer.h.{i}."
-        ln1_g = g.weight(f"h{i}/ln_1/gamma", w(p + "ln_1.weight").astype(np_dtype))
-        ln1_b = g.weight(f"h{i}/ln_1/beta", w(p + "ln_1.bias").astype(np_dtype))
-        ins = [x_in, skip, ln1_g, ln1_b] + ([bias] if bias else [])
-        x, _, _, h = g.node("SkipLayerNormalization", ins, name=f"h{i}/ln_1", n_out=4,
+        ins = [x_in, skip, weight(f"h{i}/ln_1/gamma", p + "ln_1.weight"), weight(f"h{i}/ln_1/beta", p + "ln_1.bias")]
+        x, _, _, h = g.node("SkipLayerNormalization", ins + ([bias] if bias else []), name=f"h{i}/ln_1", n_out=4,
                             domain=MS_DOMAIN, epsilon=eps)
 
         layer_scale = q_scale / (i + 1) if getattr(config, "scale_attn_by_inverse_layer_idx", False) else q_scale
@@ -129,53 +151,47 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
         b_qkv = w(p + "attn.c_attn.bias").copy()
         w_qkv[:, :E] *= layer_scale
         b_qkv[:E] *= layer_scale
-        (qkv,) = g.node("MatMul", [x, g.weight(f"h{i}/attn/w_qkv", w_qkv.astype(np_dtype))], name=f"h{i}/attn/qkv")
-        (qkv,) = g.node("Add", [qkv, g.weight(f"h{i}/attn/b_qkv", b_qkv.astype(np_dtype))], name=f"h{i}/attn/qkv_bias")
+        (qkv,) = g.node("MatMul", [x, weight(f"h{i}/attn/w_qkv", w_qkv)], name=f"h{i}/attn/qkv")     # [T,3E]
+        (qkv,) = g.node("Add", [qkv, weight(f"h{i}/attn/b_qkv", b_qkv)], name=f"h{i}/attn/qkv_bias")
+        (grid,) = g.node("Gather", [qkv, padded], name=f"h{i}/attn/pad", axis=0)                     # [B,S,3E]
         attn, _, _ = g.node(
             "GroupQueryAttention",
-            [qkv, "", "", names["past_key"][i], names["past_value"][i], seqlens_k, total_len,
-             "", "", "", "", "", "", "", "", "", q_seqlens],
+            [grid, "", "", names["past_key"][i], names["past_value"][i], seqlens_k, total_len,
+             "", "", "", bias_in, "", "", "", "", "", q_len],
             name=f"h{i}/attn/gqa", domain=MS_DOMAIN,
             outputs=[f"h{i}/attn/out", names["present_key"][i], names["present_value"][i]],
             num_heads=N, kv_num_heads=N, scale=1.0, do_rotary=0,
-        )
-        (proj,) = g.node("MatMul", [attn, g.weight(f"h{i}/attn/w_o", w(p + "attn.c_proj.weight").astype(np_dtype))],
-                         name=f"h{i}/attn/proj")
-        ln2_g = g.weight(f"h{i}/ln_2/gamma", w(p + "ln_2.weight").astype(np_dtype))
-        ln2_b = g.weight(f"h{i}/ln_2/beta", w(p + "ln_2.bias").astype(np_dtype))
-        b_o = g.weight(f"h{i}/attn/b_o", w(p + "attn.c_proj.bias").astype(np_dtype))
-        x, _, _, h = g.node("SkipLayerNormalization", [proj, h, ln2_g, ln2_b, b_o], name=f"h{i}/ln_2",
-                            n_out=4, domain=MS_DOMAIN, epsilon=eps)
+        )                                                                                            # [B,S,E]
+        (attn,) = g.node("GatherND", [attn, cells], name=f"h{i}/attn/unpad")                         # [T,E]
+        (proj,) = g.node("MatMul", [attn, weight(f"h{i}/attn/w_o", p + "attn.c_proj.weight")], name=f"h{i}/attn/proj")
+        ins = [proj, h, weight(f"h{i}/ln_2/gamma", p + "ln_2.weight"), weight(f"h{i}/ln_2/beta", p + "ln_2.bias"),
+               weight(f"h{i}/attn/b_o", p + "attn.c_proj.bias")]
+        x, _, _, h = g.node("SkipLayerNormalization", ins, name=f"h{i}/ln_2", n_out=4, domain=MS_DOMAIN, epsilon=eps)
 
-        (fc,) = g.node("MatMul", [x, g.weight(f"h{i}/mlp/w_fc", w(p + "mlp.c_fc.weight").astype(np_dtype))],
-                       name=f"h{i}/mlp/fc")
-        b_fc = g.weight(f"h{i}/mlp/b_fc", w(p + "mlp.c_fc.bias").astype(np_dtype))
-        (act,) = g.node(act_op, [fc, b_fc], name=f"h{i}/mlp/act", domain=MS_DOMAIN)
-        (mlp,) = g.node("MatMul", [act, g.weight(f"h{i}/mlp/w_proj", w(p + "mlp.c_proj.weight").astype(np_dtype))],
-                        name=f"h{i}/mlp/proj")
+        (fc,) = g.node("MatMul", [x, weight(f"h{i}/mlp/w_fc", p + "mlp.c_fc.weight")], name=f"h{i}/mlp/fc")
+        (act,) = g.node(act_op, [fc, weight(f"h{i}/mlp/b_fc", p + "mlp.c_fc.bias")], name=f"h{i}/mlp/act",
+                        domain=MS_DOMAIN)
+        (mlp,) = g.node("MatMul", [act, weight(f"h{i}/mlp/w_proj", p + "mlp.c_proj.weight")], name=f"h{i}/mlp/proj")
         x_in, skip = mlp, h
-        bias = g.weight(f"h{i}/mlp/b_proj", w(p + "mlp.c_proj.bias").astype(np_dtype))
+        bias = weight(f"h{i}/mlp/b_proj", p + "mlp.c_proj.bias")
 
-    lnf_g = g.weight("ln_f/gamma", w("transformer.ln_f.weight").astype(np_dtype))
-    lnf_b = g.weight("ln_f/beta", w("transformer.ln_f.bias").astype(np_dtype))
-    (x,) = g.node("SkipLayerNormalization", [x_in, skip, lnf_g, lnf_b, bias], name="ln_f", domain=MS_DOMAIN,
-                  epsilon=eps)
-    if "lm_head.weight" in state and not np.array_equal(w("lm_head.weight"), w("transformer.wte.weight")):
-        raise ValueError("lm_head.weight differs from transformer.wte.weight: untied GPT-2 heads are not supported")
-    if lm_head not in ("tied", "matmul"):
-        raise ValueError(f"lm_head must be 'tied' or 'matmul', got {lm_head!r}")
-    out = [names["logits"]] if dtype == "float32" else None  # half precision: a Cast to fp32 follows
+    # Only the rows whose logits were asked for go through ln_f and the lm_head (~31% of a prompt's
+    # FLOPs on GPT-2 small when every position is computed).
+    (x_in,) = g.node("Gather", [x_in, keep], name="ln_f/keep_rows", axis=0)                          # [R,E]
+    (skip,) = g.node("Gather", [skip, keep], name="ln_f/keep_skip", axis=0)
+    ins = [x_in, skip, weight("ln_f/gamma", "transformer.ln_f.weight"), weight("ln_f/beta", "transformer.ln_f.bias"), bias]
+    (x,) = g.node("SkipLayerNormalization", ins, name="ln_f", domain=MS_DOMAIN, epsilon=eps)
+    out = [names["logits"]] if dtype == "float32" else None    # half precision: a Cast to fp32 follows
     if lm_head == "tied":
         (lg,) = g.node("FusedMatMul", [x, wte], name="lm_head", domain=MS_DOMAIN, outputs=out,
-                       transA=0, transB=1, alpha=1.0)
+                       transA=0, transB=1, alpha=1.0)                                               # [R,V]
     else:
-        w_head = g.weight("lm_head/w", np.ascontiguousarray(w("transformer.wte.weight").T).astype(np_dtype))
-        (lg,) = g.node("MatMul", [x, w_head], name="lm_head", outputs=out)
+        w_head = weight("lm_head/w", np.ascontiguousarray(w("transformer.wte.weight").T))
+        (lg,) = g.node("MatMul", [x, w_head], name="lm_head", outputs=out)                         # [R,V]
     if out is None:
         g.node("Cast", [lg], name="logits_fp32", outputs=[names["logits"]], to=TensorProto.FLOAT)
-    # Greedy decoding's next token, so that a greedy step need not copy the logits row to the host.
-    (last_logits,) = g.node("Gather", [names["logits"], last], name="next_token/last_position", axis=1)  # [B,V]
-    g.node("ArgMax", [last_logits], name="next_token/argmax", outputs=[names["next_token"]], axis=-1, keepdims=0)
-    g.output(names["next_token"], TensorProto.INT64, ["batch"])
-    model = g.build("gpt2_kvcache_inplace", OPSET, producer="kvcache-infer export")
+    # Greedy decoding's next tokens, so that a greedy step need not copy logits rows to the host.
+    g.node("ArgMax", [names["logits"]], name="next_token/argmax", outputs=[names["next_token"]], axis=-1, keepdims=0)
+    g.output(names["next_token"], TensorProto.INT64, ["logits_rows"])
+    model = g.build("gpt2_kvcache_packed", OPSET, producer="kvcache-infer export")
     return model, names

@@ -51,7 +51,7 @@ def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: P
     failed check they stay in OUT.failed/ and ParityError propagates. Returns OUT."""
     import onnx
 
-    from kvcache_infer.manifest import Manifest
+    from kvcache_infer.manifest import PACKED_INPUTS, Manifest
 
     out = Path(out_dir)
     work = out.with_name(out.name + ".partial")
@@ -86,7 +86,8 @@ def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: P
         position_ids=names["position_ids"], attention_mask=None, logits=names["logits"], next_token=names["next_token"],
         past_key=tuple(names["past_key"]), past_value=tuple(names["past_value"]),
         present_key=tuple(names["present_key"]), present_value=tuple(names["present_value"]),
-        model_file=path.name, model_bytes=path.stat().st_size)
+        model_file=path.name, model_bytes=path.stat().st_size, tokens="packed",
+        **{n: names[n] for n in PACKED_INPUTS})
     record = manifest.to_json()
     record.update({"source": source, "exporter": _versions(),
                    "opset": next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import

@@ -85,7 +85,7 @@ def cmd_bench(a) -> int:
 
 
 def cmd_profile(a) -> int:
-    from .cache import LAYOUTS
+    from .cache import LAYOUTS, cache_bytes
     from .manifest import load_manifest
     from .metrics import MemoryProfile
     m = load_manifest(Path(a.model))
@@ -97,14 +97,15 @@ def cmd_profile(a) -> int:
         raise KVCacheError(f"--max-seq-len {cap} is outside [1, {m.max_positions}] (the model's position limit)")
     if a.batch_size < 1:
         raise KVCacheError(f"--batch-size must be >= 1, got {a.batch_size}")
-    total = LAYOUTS[m.layout][1] * m.cache_bytes_per_token * cap * a.batch_size
+    total = cache_bytes(m, a.batch_size, cap)
+    copies = LAYOUTS[m.layout].copies
     prof = MemoryProfile(layout=m.layout, device="(not allocated)", dtype=m.dtype, total_cache_bytes=total,
                          used_cache_bytes=0, free_cache_bytes=total, bytes_per_token=m.cache_bytes_per_token,
                          tokens=0, capacity_tokens=cap * a.batch_size, active_sequences=a.batch_size,
                          io_buffer_bytes=0)
     print(f"{a.model}: {m.num_layers} layers x {m.num_kv_heads} heads x head_dim {m.head_dim}, {m.dtype}")
-    print(f"formula: {LAYOUTS[m.layout][1]} x 2 x layers x heads x head_dim x max_seq_len x batch x bytes = "
-          f"{LAYOUTS[m.layout][1]} x 2 x {m.num_layers} x {m.num_kv_heads} x {m.head_dim} x {cap} x {a.batch_size} x "
+    print(f"formula: {copies} x 2 x layers x heads x head_dim x max_seq_len x batch x bytes = "
+          f"{copies} x 2 x {m.num_layers} x {m.num_kv_heads} x {m.head_dim} x {cap} x {a.batch_size} x "
           f"{m.cache_bytes_per_token // (2 * m.num_layers * m.num_kv_heads * m.head_dim)} = {total} bytes")
     print(prof.report())
     return 0

@@ -1,11 +1,11 @@
 """Token generation on top of an inferencer: sampling, the decode loop, text through a tokenizer."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import CapacityError, InvalidInputError
+from .errors import InvalidInputError
 
 
 class Sampler:
@@ -45,38 +45,40 @@ class Sampler:
         return int(idx[min(int(np.searchsorted(np.cumsum(p), self.rng.random(), side="right")), idx.size - 1)])
 
 
-def check_prompt(inf, prompt_ids, max_new_tokens: int, stop_ids) -> tuple[np.ndarray, frozenset]:
-    """Validates a generation request before anything runs; returns ([1, n] ids, stop set)."""
-    if inf.batch_size != 1:
-        raise InvalidInputError(f"generate/stream decode one sequence (batch_size=1); this inferencer has "
-                                f"batch_size={inf.batch_size}: use forward() with fork() for batches")
+def check_request(max_new_tokens, stop_ids, vocab: int) -> frozenset:
+    """Validates a generation request's length and stop ids before anything runs; returns the stop set."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise InvalidInputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    ids, _ = inf._check_ids(prompt_ids)
-    V = inf.manifest.vocab_size
     try:
         stop = frozenset(int(s) for s in (stop_ids or ()))
     except (TypeError, ValueError):
         raise InvalidInputError(f"stop_ids must be an iterable of token ids, got {stop_ids!r}") from None
-    if any(not 0 <= s < V for s in stop):
-        raise InvalidInputError(f"stop_ids must be in [0, {V}), got {sorted(stop)}")
-    need = inf.position + ids.shape[1] + max_new_tokens - 1   # the last new token is not fed back
-    if need > inf.capacity:
-        raise CapacityError(
-            f"{ids.shape[1]} prompt tokens + {max_new_tokens} new tokens at position {inf.position} need "
-            f"{need} cache rows but the capacity is {inf.capacity} (max_seq_len={inf.capacity}); shorten the "
-            f"prompt, lower max_new_tokens, or reset_cache()")
-    return ids, stop
+    if any(not 0 <= s < vocab for s in stop):
+        raise InvalidInputError(f"stop_ids must be in [0, {vocab}), got {sorted(stop)}")
+    return stop
 
 
-def stream_ids(inf, ids: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: frozenset) -> Iterator[int]:
-    """Feeds the prompt, then yields new tokens one by one (each fed back before the next)."""
-    nxt = inf._step(ids, sampler)
+def encode_prompt(model, prompt):
+    """(tokenizer or None, ids): a text prompt goes through the model's tokenizer.json; ids pass as given."""
+    if not isinstance(prompt, str):
+        return None, prompt
+    tok = model.tokenizer
+    if tok is None:
+        raise InvalidInputError(f"a text prompt needs a tokenizer.json in {model.dir}; this model has none: "
+                                "pass token ids")
+    return tok, tok.encode(prompt).ids
+
+
+def decode(step: Callable[[np.ndarray], int], prompt: np.ndarray, max_new_tokens: int,
+           stop: frozenset) -> Iterator[int]:
+    """Feeds the prompt through `step` (ids [n] -> next token), then yields new tokens one by one,
+    each fed back before the next; stops after max_new_tokens or a stop id (yielded)."""
+    nxt = int(step(prompt))
     for i in range(max_new_tokens):
         yield nxt
         if nxt in stop or i + 1 == max_new_tokens:
             return
-        nxt = inf._step(np.array([[nxt]], dtype=np.int64), sampler)
+        nxt = int(step(np.array([nxt], dtype=np.int64)))
 
 
 def stream_text(tokenizer, ids_iter: Iterator[int]) -> Iterator[str]:

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .cache import NP_DTYPE, DeviceBuffer, make_cache
-from .errors import CapacityError, ConcurrentUseError, InferenceError, InvalidInputError
-from .generation import Sampler, check_prompt, stream_ids, stream_text
+from .cache import make_cache
+from .errors import CapacityError, ConcurrentUseError, InvalidInputError
+from .generation import Sampler, check_request, decode, encode_prompt, stream_text
 from .metrics import LatencyTracker, MemoryProfile, Metrics
 from .model import Model
+from .runs import PackedRun, PaddedRun
 from .snapshot import CacheSnapshot, check, take
 
 
@@ -56,37 +57,12 @@ class KVCacheInferencer:
                 f"max_seq_len={max_seq_len} exceeds the model's position limit max_positions={m.max_positions} "
                 f"({m.source}); use max_seq_len <= {m.max_positions}")
         self.batch_size, self.capacity = int(batch_size), int(max_seq_len)
-        dev, did = model.device, model.device_id
-        self.cache = make_cache(m, self.batch_size, self.capacity, dev, did)
-
-        B, V = self.batch_size, m.vocab_size
-        # One-token step: ids, positions and logits live in fixed buffers bound once.
-        self._ids = DeviceBuffer((B, 1), np.int64, dev, did, fill=0)
-        self._pos_ids = DeviceBuffer((B, 1), np.int64, dev, did, fill=0)
-        self._logits = DeviceBuffer((B, 1, V), NP_DTYPE[m.logits_dtype], dev, did)
-        self._step_io = model.session.io_binding()
-        self._step_io.bind_ortvalue_output(m.logits, self._logits.ortvalue)
-        self._step_io.bind_ortvalue_input(m.input_ids, self._ids.ortvalue)
-        if m.position_ids:
-            self._step_io.bind_ortvalue_input(m.position_ids, self._pos_ids.ortvalue)
-        self.cache.bind(self._step_io)
-        # Multi-token chunks: inputs and logits change shape, so they are bound per call.
-        self._chunk_io = model.session.io_binding()
-        self._chunk_io.bind_output(m.logits, dev, did)
-        self.cache.bind(self._chunk_io)
-        # Greedy steps and chunks fetch only the in-graph argmax (no logits row leaves the graph).
-        self._token = None
-        if m.next_token:
-            self._token = DeviceBuffer((B,), np.int64, dev, did, fill=0)
-            self._greedy_step_io = model.session.io_binding()
-            self._greedy_chunk_io = model.session.io_binding()
-            for io in (self._greedy_step_io, self._greedy_chunk_io):
-                io.bind_ortvalue_output(m.next_token, self._token.ortvalue)
-                self.cache.bind(io)
-            self._greedy_step_io.bind_ortvalue_input(m.input_ids, self._ids.ortvalue)
-            self._greedy_step_io.bind_ortvalue_input(m.position_ids, self._pos_ids.ortvalue)
-        self._host_step_ids = np.zeros((B, 1), np.int64)  # staging for CUDA's update_inplace
-        self._host_step_pos = np.zeros((B, 1), np.int64)
+        self.cache = make_cache(m, self.batch_size, self.capacity, model.device, model.device_id)
+        # The bound runs of this graph kind: every call only writes ids/positions into their buffers.
+        if m.tokens == "packed":
+            self.runner = PackedRun(model, self.cache, max_chunk=self.capacity, max_logits=self.batch_size)
+        else:
+            self.runner = PaddedRun(model, self.cache)
 
         self._latency = LatencyTracker()
         self._busy = threading.Lock()  # one sequence: a second thread gets ConcurrentUseError
@@ -140,25 +116,22 @@ class KVCacheInferencer:
                top_p: float | None = None, seed: int | None = None, stop_ids=()):
         """Like generate(), as an iterator: new ids (int) for an id prompt, text pieces (str) for a text
         prompt. The request is validated before the first token; nothing runs until iteration starts."""
+        if self.batch_size != 1:
+            raise InvalidInputError(f"generate/stream decode one sequence (batch_size=1); this inferencer has "
+                                    f"batch_size={self.batch_size}: use next_tokens() or forward() for batches")
         sampler = Sampler(temperature, top_k, top_p, seed, vocab=self.manifest.vocab_size)
-        tok = self.model.tokenizer if isinstance(prompt, str) else None
-        if isinstance(prompt, str):
-            if tok is None:
-                raise InvalidInputError(f"a text prompt needs a tokenizer.json in {self.model.dir}; this model has "
-                                        "none: pass token ids")
-            prompt = tok.encode(prompt).ids
-        ids, stop = check_prompt(self, prompt, max_new_tokens, stop_ids)
-        it = stream_ids(self, ids, max_new_tokens, sampler, stop)
+        tok, prompt = encode_prompt(self.model, prompt)
+        ids, _ = self._check_ids(prompt)
+        stop = check_request(max_new_tokens, stop_ids, self.manifest.vocab_size)
+        need = self.position + ids.shape[1] + max_new_tokens - 1   # the last new token is not fed back
+        if need > self.capacity:
+            raise CapacityError(
+                f"{ids.shape[1]} prompt tokens + {max_new_tokens} new tokens at position {self.position} need "
+                f"{need} cache rows but the capacity is {self.capacity} (max_seq_len={self.capacity}); shorten "
+                "the prompt, lower max_new_tokens, or reset_cache()")
+        step = self.next_tokens if sampler.greedy else (lambda x: sampler(self.forward(x)))
+        it = decode(step, ids[0], max_new_tokens, stop)
         return stream_text(tok, it) if tok is not None else it
-
-    def _step(self, ids: np.ndarray, sampler: Sampler) -> int:
-        """One validated run for generation; the next token of row 0."""
-        with self._enter("generate"):
-            if self.cache.offset + ids.shape[1] > self.capacity:
-                raise CapacityError(f"the cache is full ({self.capacity} tokens, max_seq_len={self.capacity})")
-            if sampler.greedy:
-                return int(self._run(ids, greedy=True)[0])
-            return sampler(self._run(ids, greedy=False)[0])
 
     def snapshot(self) -> CacheSnapshot:
         """Copies rows [0, position) of the cache to host memory (O(position)); changes nothing."""
@@ -182,7 +155,7 @@ class KVCacheInferencer:
             rows = [src, *dst]
             if any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= r < B for r in rows):
                 raise InvalidInputError(f"fork(src, dst) takes batch rows in [0, {B}), got src={src!r}, dst={dst!r}")
-            self.cache.fork(int(src), [int(r) for r in dst if r != src])
+            self.cache.copy(int(src), [int(r) for r in dst if r != src], self.position)
 
     def _enter(self, what: str):
         if not self._busy.acquire(blocking=False):
@@ -215,54 +188,14 @@ class KVCacheInferencer:
             out = self._run(ids, greedy=True)
             return int(out[0]) if squeeze else out
 
-    def _run(self, ids: np.ndarray, greedy: bool) -> np.ndarray:
-        """One run over validated [B, n] ids: [B, V] float32 logits, or with greedy=True the [B] int64
-        argmax of the last position (from the graph's next_token output when it has one)."""
+    def _run(self, ids: np.ndarray, greedy: bool, all_positions: bool = False) -> np.ndarray:
+        """One run over validated [B, n] ids (see BoundRun.lockstep); commits only after it succeeded."""
         n = ids.shape[1]
-        pos = self.cache.offset
         t0 = time.perf_counter()
-        in_graph = greedy and self._token is not None
-        if n == 1:
-            io = self._greedy_step_io if in_graph else self._step_io
-            self._write_step_inputs(ids, pos)
-        else:
-            io = self._greedy_chunk_io if in_graph else self._chunk_io
-            self._bind_chunk_inputs(io, ids, pos, logits=not in_graph)
-        self.cache.prepare(io, n)
-        try:
-            self.model.session.run_with_iobinding(io)
-        except Exception as e:
-            raise InferenceError(f"ONNX Runtime failed running {n} token(s) at position {pos}: {e}; "
-                                 "the cache and position are unchanged") from e
-        if in_graph:
-            out = np.array(self._token.to_host())                   # [B] int64
-        else:
-            logits = self._logits.to_host()[:, 0] if n == 1 else io.get_outputs()[0].numpy()[:, -1]
-            out = np.array(logits, dtype=np.float32)                # copy: the buffers are reused
-            if greedy:
-                out = out.argmax(-1)
-        self.cache.commit(n)                        # the one state change
+        out = self.runner.lockstep(ids, greedy, all_positions)
+        self.cache.commit(self.cache.lengths + n)           # the one state change
         self._latency.record((time.perf_counter() - t0) * 1e3, n)
         return out
-
-    def _write_step_inputs(self, ids: np.ndarray, pos: int) -> None:
-        if self._ids.host is not None:                  # CPU: the bound arrays are these numpy arrays
-            self._ids.host[:] = ids
-            self._pos_ids.host.fill(pos)
-        else:                                           # CUDA: copy into the bound device buffers
-            self._host_step_ids[:] = ids
-            self._ids.ortvalue.update_inplace(self._host_step_ids)
-            self._host_step_pos.fill(pos)
-            self._pos_ids.ortvalue.update_inplace(self._host_step_pos)
-
-    def _bind_chunk_inputs(self, io: ort.IOBinding, ids: np.ndarray, pos: int, logits: bool) -> None:
-        m = self.manifest
-        io.bind_cpu_input(m.input_ids, np.ascontiguousarray(ids, dtype=np.int64))
-        if m.position_ids:
-            positions = np.broadcast_to(np.arange(pos, pos + ids.shape[1], dtype=np.int64), ids.shape)
-            io.bind_cpu_input(m.position_ids, np.ascontiguousarray(positions))
-        if logits:
-            io.bind_output(m.logits, self.model.device, self.model.device_id)  # the shape changes per call
 
     def _check_ids(self, token_ids) -> tuple[np.ndarray, bool]:
         """Validates without touching any state; returns ([batch_size, n] ids, squeeze flag)."""
@@ -320,9 +253,7 @@ class KVCacheInferencer:
         per_token = m.cache_bytes_per_token
         tokens = self.position * self.batch_size
         used = tokens * per_token
-        io_bytes = self._ids.nbytes + self._pos_ids.nbytes + self._logits.nbytes
-        if hasattr(c, "mask"):
-            io_bytes += c.mask.nbytes
+        io_bytes = self.runner.io_bytes
         return MemoryProfile(
             layout=c.layout, device=self.device, dtype=m.dtype, total_cache_bytes=c.nbytes,
             used_cache_bytes=used, free_cache_bytes=c.nbytes - used, bytes_per_token=per_token,

@@ -12,13 +12,19 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 from .errors import ModelFormatError
 
 FORMAT = "kvcache-infer/manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2              # 2: packed-token graphs (`tokens: "packed"`); 1 still loads (padded [B,S] graphs)
+READABLE_VERSIONS = (1, 2)
 LAYOUTS = ("inplace", "growing")
-DTYPES = ("float32", "float16")
+TOKENS = ("padded", "packed")   # how a run's tokens are laid out: [B,S] ids, or [T] ids plus row inputs
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}   # the one dtype table
 ORT_TYPE_TO_DTYPE = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+# The extra inputs of a packed graph, in manifest order (docs/manifest.md says what each holds).
+PACKED_INPUTS = ("cache_lengths", "query_lengths", "padded_tokens", "token_cells", "logits_index", "attention_bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +55,27 @@ class Manifest:
     weights: str | None = None      # weight format when it differs from dtype (e.g. "int8", "int4")
     model_bytes: int | None = None  # size of model_file when exported: a cheap truncation check
     source: str = "manifest.json"   # where this manifest came from
+    tokens: str = "padded"          # "padded": ids [B,S]; "packed": ids [T] plus the PACKED_INPUTS below
+    cache_lengths: str | None = None    # packed: [B] int32, tokens each cache row holds after the run
+    query_lengths: str | None = None    # packed: [B] int32, new tokens of each row (0: idle)
+    padded_tokens: str | None = None    # packed: [B,S] int64, packed token of each padded attention cell
+    token_cells: str | None = None      # packed: [T,2] int64, padded cell (b, s) of each packed token
+    logits_index: str | None = None     # packed: [R] int64, packed tokens whose logits are computed
+    attention_bias: str | None = None   # packed: [1|B,1,S,C] dtype, added to the attention scores
 
     @property
     def cache_bytes_per_token(self) -> int:
         """K and V bytes one token of one sequence occupies, summed over layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * _itemsize(self.dtype)
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPES[self.dtype].itemsize
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def packed_inputs(self) -> tuple[str, ...]:
+        """The packed graph's row inputs ((): a padded graph)."""
+        return tuple(getattr(self, n) for n in PACKED_INPUTS) if self.tokens == "packed" else ()
 
     def to_json(self) -> dict:
         return {
@@ -78,6 +100,7 @@ class Manifest:
                 "shape": ["batch", "num_kv_heads", "capacity", "head_dim"],
                 "write_rows": "position_ids" if self.layout == "inplace" else "appended",
             },
+            "tokens": self.tokens,
             "io": {
                 "input_ids": self.input_ids,
                 "position_ids": self.position_ids,
@@ -88,6 +111,7 @@ class Manifest:
                 "past_value": list(self.past_value),
                 "present_key": list(self.present_key),
                 "present_value": list(self.present_value),
+                **{n: getattr(self, n) for n in PACKED_INPUTS if self.tokens == "packed"},
             },
         }
 
@@ -95,10 +119,11 @@ class Manifest:
     def from_json(cls, data: dict, source: str = "manifest.json") -> "Manifest":
         if data.get("format") != FORMAT:
             raise ModelFormatError(f"{source}: expected format {FORMAT!r}, found {data.get('format')!r}")
-        if data.get("format_version") != FORMAT_VERSION:
+        if data.get("format_version") not in READABLE_VERSIONS:
             raise ModelFormatError(
-                f"{source}: format_version {data.get('format_version')!r} is not supported (expected "
-                f"{FORMAT_VERSION}); re-export the model with this version of kvcache-infer")
+                f"{source}: format_version {data.get('format_version')!r} is not supported (this kvcache-infer "
+                f"reads {', '.join(map(str, READABLE_VERSIONS))}); re-export the model with this version of "
+                "kvcache-infer (`python -m export`)")
         try:
             io, cache = data["io"], data["cache"]
             m = cls(
@@ -114,7 +139,8 @@ class Manifest:
                 past_key=tuple(io["past_key"]), past_value=tuple(io["past_value"]),
                 present_key=tuple(io["present_key"]), present_value=tuple(io["present_value"]),
                 model_file=data.get("model_file", "model.onnx"), model_bytes=data.get("model_bytes"),
-                source=source,
+                source=source, tokens=str(data.get("tokens", "padded")),
+                **{n: io.get(n) for n in PACKED_INPUTS},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"{source}: malformed manifest ({type(e).__name__}: {e})") from None
@@ -127,9 +153,19 @@ class Manifest:
         if self.layout not in LAYOUTS:
             bad.append(f"cache layout {self.layout!r} not in {LAYOUTS}")
         if self.dtype not in DTYPES:
-            bad.append(f"dtype {self.dtype!r} not in {DTYPES}")
+            bad.append(f"dtype {self.dtype!r} not in {tuple(DTYPES)}")
         if self.logits_dtype not in DTYPES:
-            bad.append(f"logits_dtype {self.logits_dtype!r} not in {DTYPES}")
+            bad.append(f"logits_dtype {self.logits_dtype!r} not in {tuple(DTYPES)}")
+        if self.tokens not in TOKENS:
+            bad.append(f"tokens {self.tokens!r} not in {TOKENS}")
+        elif self.tokens == "packed":
+            missing = [n for n in PACKED_INPUTS if not getattr(self, n)]
+            if missing:
+                bad.append(f"a packed graph needs the inputs {', '.join(missing)}")
+            if self.layout != "inplace":
+                bad.append("a packed graph needs the inplace cache layout")
+            if not self.position_ids:
+                bad.append("a packed graph needs position_ids")
         for name in ("past_key", "past_value", "present_key", "present_value"):
             if len(getattr(self, name)) != self.num_layers:
                 bad.append(f"{len(getattr(self, name))} {name} names for {self.num_layers} layers")
@@ -146,7 +182,7 @@ class Manifest:
 
         Raises ModelFormatError listing every missing name and every contradicting dimension."""
         need_in = [self.input_ids, *self.past_key, *self.past_value]
-        need_in += [n for n in (self.position_ids, self.attention_mask) if n]
+        need_in += [n for n in (self.position_ids, self.attention_mask, *self.packed_inputs) if n]
         need_out = [self.logits, *self.present_key, *self.present_value] + ([self.next_token] if self.next_token else [])
         missing = [f"input {n!r}" for n in need_in if n not in inputs]
         missing += [f"output {n!r}" for n in need_out if n not in outputs]
@@ -174,10 +210,6 @@ class Manifest:
             bad.append(f"{self.logits} last dim is {lshape[-1]}, manifest says vocab_size={self.vocab_size}")
         if bad:
             raise ModelFormatError(f"the manifest ({self.source}) contradicts the graph: " + "; ".join(bad))
-
-
-def _itemsize(dtype: str) -> int:
-    return {"float32": 4, "float16": 2}[dtype]
 
 
 def load_manifest(model_dir: Path) -> Manifest | None:

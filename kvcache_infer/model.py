@@ -105,7 +105,7 @@ class Model:
             manifest = manifest_from_graph(inputs, outputs, self.dir / "config.json", self.file.name)
         manifest.check_graph(inputs, outputs)
         extra = sorted(set(inputs) - {manifest.input_ids, manifest.position_ids, manifest.attention_mask,
-                                      *manifest.past_key, *manifest.past_value})
+                                      *manifest.packed_inputs, *manifest.past_key, *manifest.past_value})
         if extra:
             raise ModelFormatError(f"the graph has inputs the manifest does not describe: {extra}")
         self.manifest: Manifest = manifest

@@ -33,7 +33,7 @@ def systems(exported, optimum_dir, hf_models):
     cap = {2: 64}
     return [Ours(ours, 2, cap), NoCache(ours, 2, cap), HFEager(hf_models["tiny-a"], 2),
             OptimumORT(optimum_dir, 2, io_binding=False), OptimumORT(optimum_dir, 2, io_binding=True),
-            PlainOrtLoop(optimum_dir, 2), GenAI(optimum_dir, 2, "optimum", 64), GenAI(ours, 2, "ours", 64)]
+            PlainOrtLoop(optimum_dir, 2), GenAI(optimum_dir, 2, 64)]
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -18,8 +18,8 @@ def test_buffers_never_move_over_hundreds_of_steps(exported, rng):
     for step in range(5, 125):
         inf.forward(rng.integers(0, 1000, size=(2, 1)))
         # ORT wrote present_* into our buffers (what the step binding holds after the run)...
-        outs = [o.data_ptr() for o in inf._step_io.get_outputs()[1:]]
-        assert sorted(outs) == sorted(ptrs)
+        outs = [o.data_ptr() for o in inf.runner.io.get_outputs()]
+        assert set(ptrs) <= set(outs)
     # ... and only the rows it was given: [0, 125) are written, the rest untouched.
     k0 = inf.cache.keys[0].host
     assert np.isfinite(k0[:, :, :125]).all() and np.isnan(k0[:, :, 125:]).all()

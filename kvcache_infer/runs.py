@@ -1,0 +1,287 @@
+"""Bound runs: the objects that know which buffers a kind of graph run binds and what to write per call.
+
+    PaddedRun   graphs whose ids are [B, S] (format 1, and Optimum's growing layout): rows in lockstep
+    PackedRun   packed-token graphs (format 2): any rows, any chunk lengths, logits only where asked
+
+Both offer `lockstep(ids [B, n], greedy, all_positions)` (what KVCacheInferencer needs); PackedRun
+also offers `ragged(chunks, rows)` (what the Engine needs). The hot path writes ids, positions and
+lengths into preallocated arrays bound by address, runs, and returns what the caller asked for;
+bindings change only when a run's shapes change. A run never commits: the caller moves the cache
+lengths after it succeeded.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+
+from .buffers import DeviceBuffer, HostArray
+from .cache import KVCache
+from .errors import InferenceError, KVCacheError
+from .manifest import DTYPES
+from .model import Model
+
+
+def run_bound(model: Model, io: ort.IOBinding, what: str) -> None:
+    try:
+        model.session.run_with_iobinding(io)
+    except Exception as e:
+        raise InferenceError(f"ONNX Runtime failed running {what}: {e}; the cache and position are unchanged") from e
+
+
+class BoundRun(ABC):
+    """What a KVCacheInferencer runs: every row advances by the same n tokens."""
+
+    def __init__(self, model: Model, cache: KVCache):
+        self.model, self.cache, self.m = model, cache, model.manifest
+
+    @abstractmethod
+    def lockstep(self, ids: np.ndarray, greedy: bool, all_positions: bool = False) -> np.ndarray:
+        """Runs [B, n] ids at every row's current length. Returns a fresh array: [B] int64 greedy next
+        tokens, or float32 logits [B, V] (last position) or [B, n, V] (all_positions). Does not commit."""
+
+    @property
+    @abstractmethod
+    def io_bytes(self) -> int:
+        """Bytes of the preallocated per-run input/output buffers."""
+
+
+class PaddedRun(BoundRun):
+    """Graphs with [B, S] ids and positions whose logits are [B, S, V]. The one-token step binds
+    fixed buffers once; multi-token chunks bind their inputs per call."""
+
+    def __init__(self, model: Model, cache: KVCache):
+        super().__init__(model, cache)
+        m, B, dev, did = self.m, cache.rows, model.device, model.device_id
+        self._ids = DeviceBuffer((B, 1), np.int64, dev, did, fill=0)
+        self._pos_ids = DeviceBuffer((B, 1), np.int64, dev, did, fill=0)
+        self._logits = DeviceBuffer((B, 1, m.vocab_size), DTYPES[m.logits_dtype], dev, did)
+        self._step_io = model.session.io_binding()
+        self._step_io.bind_ortvalue_output(m.logits, self._logits.ortvalue)
+        self._step_io.bind_ortvalue_input(m.input_ids, self._ids.ortvalue)
+        if m.position_ids:
+            self._step_io.bind_ortvalue_input(m.position_ids, self._pos_ids.ortvalue)
+        cache.bind(self._step_io)
+        self._chunk_io = model.session.io_binding()
+        self._chunk_io.bind_output(m.logits, dev, did)
+        cache.bind(self._chunk_io)
+        # Greedy steps and chunks fetch only the in-graph argmax (no logits row leaves the graph).
+        self._token = None
+        if m.next_token:
+            self._token = DeviceBuffer((B,), np.int64, dev, did, fill=0)
+            self._greedy_step_io = model.session.io_binding()
+            self._greedy_chunk_io = model.session.io_binding()
+            for io in (self._greedy_step_io, self._greedy_chunk_io):
+                io.bind_ortvalue_output(m.next_token, self._token.ortvalue)
+                cache.bind(io)
+            self._greedy_step_io.bind_ortvalue_input(m.input_ids, self._ids.ortvalue)
+            self._greedy_step_io.bind_ortvalue_input(m.position_ids, self._pos_ids.ortvalue)
+        self._host_step_ids = np.zeros((B, 1), np.int64)  # staging for CUDA's update_inplace
+        self._host_step_pos = np.zeros((B, 1), np.int64)
+
+    @property
+    def io_bytes(self) -> int:
+        extra = self.cache.mask.nbytes if self.cache.layout == "growing" else 0
+        return self._ids.nbytes + self._pos_ids.nbytes + self._logits.nbytes + extra
+
+    def lockstep(self, ids: np.ndarray, greedy: bool, all_positions: bool = False) -> np.ndarray:
+        n = ids.shape[1]
+        pos = self.cache.offset
+        in_graph = greedy and self._token is not None and not all_positions
+        if n == 1 and not all_positions:
+            io = self._greedy_step_io if in_graph else self._step_io
+            self._write_step_inputs(ids, pos)
+        else:
+            io = self._greedy_chunk_io if in_graph else self._chunk_io
+            self._bind_chunk_inputs(io, ids, pos, logits=not in_graph)
+        self.cache.prepare(io, n)
+        run_bound(self.model, io, f"{n} token(s) at position {pos}")
+        if in_graph:
+            return np.array(self._token.to_host())                   # [B] int64
+        if n == 1 and not all_positions:
+            logits = self._logits.to_host()[:, 0]
+        else:
+            out = io.get_outputs()[0].numpy()
+            logits = out if all_positions else out[:, -1]
+        out = np.array(logits, dtype=np.float32)                      # a copy: the buffers are reused
+        return out.argmax(-1) if greedy else out
+
+    def _write_step_inputs(self, ids: np.ndarray, pos: int) -> None:
+        if self._ids.host is not None:                  # CPU: the bound arrays are these numpy arrays
+            self._ids.host[:] = ids
+            self._pos_ids.host.fill(pos)
+        else:                                           # CUDA: copy into the bound device buffers
+            self._host_step_ids[:] = ids
+            self._ids.ortvalue.update_inplace(self._host_step_ids)
+            self._host_step_pos.fill(pos)
+            self._pos_ids.ortvalue.update_inplace(self._host_step_pos)
+
+    def _bind_chunk_inputs(self, io: ort.IOBinding, ids: np.ndarray, pos: int, logits: bool) -> None:
+        m = self.m
+        io.bind_cpu_input(m.input_ids, np.ascontiguousarray(ids, dtype=np.int64))
+        if m.position_ids:
+            positions = np.broadcast_to(np.arange(pos, pos + ids.shape[1], dtype=np.int64), ids.shape)
+            io.bind_cpu_input(m.position_ids, np.ascontiguousarray(positions))
+        if logits:
+            io.bind_output(m.logits, self.model.device, self.model.device_id)  # the shape changes per call
+
+
+class Chunk(NamedTuple):
+    """One cache row's part of a ragged run."""
+
+    row: int                                # cache row (the Engine's slot)
+    ids: np.ndarray                         # [n] int64 new tokens
+    start: int                              # tokens the row holds before the run (the write row)
+    positions: np.ndarray | None = None     # [n] position ids (default start .. start + n - 1)
+    all_logits: bool = False                # logits for every new token (default: the last one)
+    ancestors: np.ndarray | None = None     # [n, start + n] bool: which tokens each new one may see (trees)
+
+
+class PackedRun(BoundRun):
+    """Packed-token graphs: a run feeds T tokens of any cache rows, padded to S per row only inside
+    attention, and computes logits for R chosen tokens. Every input is a view of a preallocated
+    array, bound by address; a run whose shapes equal the previous run's binds nothing.
+
+    max_chunk: the longest chunk (S) a run may pad to; the cache capacity must leave room for it
+    (GroupQueryAttention needs start + S <= capacity for every row that takes part).
+    max_logits: logits rows kept in a preallocated buffer; a run asking for more (scoring every
+    position of a long text) lets ONNX Runtime allocate its output."""
+
+    def __init__(self, model: Model, cache: KVCache, *, max_chunk: int, max_logits: int):
+        super().__init__(model, cache)
+        m = self.m
+        if m.tokens != "packed" or not cache.per_row:
+            raise KVCacheError("PackedRun needs a packed-token graph with the in-place cache layout")
+        rows, C = cache.rows, cache.capacity
+        self.max_chunk, self.max_logits = max_chunk, max_logits
+        self.max_tokens = rows * max_chunk
+        self._ids = HostArray(self.max_tokens, np.int64)
+        self._pos = HostArray(self.max_tokens, np.int64)
+        self._cache_len = HostArray(rows, np.int32, fill=1)
+        self._q_len = HostArray(rows, np.int32)
+        self._padded = HostArray(rows * max_chunk, np.int64)
+        self._cells = HostArray(2 * self.max_tokens, np.int64)      # (row, column) of each packed token
+        self._keep = HostArray(self.max_tokens, np.int64)
+        self._zero_bias = HostArray(max_chunk * C, m.np_dtype)       # never written: bound as [1,1,S,C]
+        self._tree_bias: HostArray | None = None                      # [rows,1,S,C], made on first use
+        self._big: tuple[HostArray, HostArray] | None = None           # outputs of a run with R > max_logits
+        self._logits = HostArray(max_logits * m.vocab_size, np.float32)
+        self._next = HostArray(max_logits, np.int64)
+        self._arange = np.arange(self.max_tokens, dtype=np.int64)
+        self._neg = np.finfo(m.np_dtype).min
+        self.io = model.session.io_binding()
+        self._bound = None        # the shapes of the current bindings
+        self._views = (None, None, None)   # (R, logits [R,V], next tokens [R]) views of the outputs
+        self._lockstep = None     # (B, n, all_positions) whose constant inputs are in place
+
+    @property
+    def io_bytes(self) -> int:
+        arrays = [self._ids, self._pos, self._cache_len, self._q_len, self._padded, self._cells, self._keep,
+                  self._zero_bias, self._logits, self._next] + ([self._tree_bias] if self._tree_bias else [])
+        return sum(a.nbytes for a in arrays)
+
+    def _bind(self, T: int, B: int, S: int, R: int, tree: bool) -> None:
+        key = (T, B, S, R, tree)
+        if key == self._bound:
+            return
+        m, io, C = self.m, self.io, self.cache.capacity
+        self._ids.bind_input(io, m.input_ids, [T])
+        self._pos.bind_input(io, m.position_ids, [T])
+        self._cache_len.bind_input(io, m.cache_lengths, [B])
+        self._q_len.bind_input(io, m.query_lengths, [B])
+        self._padded.bind_input(io, m.padded_tokens, [B, S])
+        self._cells.bind_input(io, m.token_cells, [T, 2])
+        self._keep.bind_input(io, m.logits_index, [R])
+        bias = self._tree_bias if tree else self._zero_bias
+        bias.bind_input(io, m.attention_bias, [B if tree else 1, 1, S, C])
+        if R > self.max_logits:   # more rows than preallocated (scoring a long text): buffers for this shape
+            self._big = (HostArray(R * m.vocab_size, np.float32), HostArray(R, np.int64))
+            self._views = (None, None, None)
+        logits, nxt = self._big if R > self.max_logits else (self._logits, self._next)
+        logits.bind_output(io, m.logits, [R, m.vocab_size])
+        nxt.bind_output(io, m.next_token, [R])
+        if self._bound is None or self._bound[1] != B:
+            self.cache.bind(io, B)
+        self._bound = key
+
+    def _outputs(self, R: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._views[0] != R:
+            logits, nxt = self._big if R > self.max_logits else (self._logits, self._next)
+            self._views = (R, logits.view((R, self.m.vocab_size)), nxt.view((R,)))
+        return self._views[1], self._views[2]
+
+    def lockstep(self, ids: np.ndarray, greedy: bool, all_positions: bool = False) -> np.ndarray:
+        B, n = ids.shape
+        T, P = B * n, self.cache.offset
+        R = T if all_positions else B
+        if n > self.max_chunk:
+            raise KVCacheError(f"a chunk of {n} tokens is longer than this run's max_chunk={self.max_chunk}")
+        if self._lockstep != (B, n, all_positions):
+            ar = self._arange
+            self._padded.array[:T] = ar[:T]
+            cells = self._cells.view((B, n, 2))
+            cells[..., 0] = ar[:B, None]
+            cells[..., 1] = ar[:n]
+            self._keep.array[:R] = ar[:T] if all_positions else ar[n - 1:T:n]
+            self._q_len.array[:B] = n
+            self._lockstep = (B, n, all_positions)
+        self._ids.array[:T] = ids.reshape(-1)
+        if n == 1:
+            self._pos.array[:T] = P
+        else:
+            self._pos.view((B, n))[:] = self._arange[P:P + n]
+        self._cache_len.array[:B] = P + n
+        self._bind(T, B, n, R, tree=False)
+        run_bound(self.model, self.io, f"{n} token(s) at position {P}")
+        logits, nxt = self._outputs(R)
+        if greedy:
+            return np.array(nxt)
+        return np.array(logits).reshape(B, n, -1) if all_positions else np.array(logits)
+
+    def ragged(self, chunks: list[Chunk], rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """One run over cache rows [0, rows): each chunk's tokens go to its row from its start on; rows
+        without a chunk are idle (untouched, no cost in attention). Returns (logits [R, V], next tokens
+        [R]) for the last token of each chunk (every token of an all_logits chunk), in chunk order:
+        views valid until the next run. Does not commit."""
+        S = max(len(c.ids) for c in chunks)
+        T = sum(len(c.ids) for c in chunks)
+        if S > self.max_chunk or T > self.max_tokens:
+            raise KVCacheError(f"a run of {T} tokens with a chunk of {S} exceeds max_chunk={self.max_chunk}")
+        self._lockstep = None
+        ar, C = self._arange, self.cache.capacity
+        q, cl = self._q_len.view((rows,)), self._cache_len.view((rows,))
+        pad = self._padded.view((rows, S))
+        q[:] = 0
+        cl[:] = 1                               # idle rows: 1 token held, 0 new (GQA: cache untouched)
+        pad[:] = 0
+        ids, pos, keep = self._ids.array, self._pos.array, self._keep.array
+        cells = self._cells.view((T, 2))
+        tree = any(c.ancestors is not None for c in chunks)
+        if tree:
+            if self._tree_bias is None:
+                self._tree_bias = HostArray(self.cache.rows * self.max_chunk * C, self.m.np_dtype)
+            bias = self._tree_bias.view((rows, 1, S, C))
+            bias[:] = 0
+        off = r = 0
+        for c in chunks:
+            n = len(c.ids)
+            ids[off:off + n] = c.ids
+            pos[off:off + n] = ar[c.start:c.start + n] if c.positions is None else c.positions
+            q[c.row], cl[c.row] = n, c.start + n
+            pad[c.row, :n] = ar[off:off + n]
+            cells[off:off + n, 0] = c.row
+            cells[off:off + n, 1] = ar[:n]
+            if c.all_logits:
+                keep[r:r + n] = ar[off:off + n]
+                r += n
+            else:
+                keep[r] = off + n - 1
+                r += 1
+            if c.ancestors is not None:
+                bias[c.row, 0, :n, :c.start + n] = np.where(c.ancestors, 0, self._neg)
+            off += n
+        self._bind(T, rows, S, r, tree)
+        run_bound(self.model, self.io, f"{T} token(s) over {len(chunks)} row(s)")
+        return self._outputs(r)
