@@ -8,7 +8,9 @@
     truncate(length, rows)    those rows keep their first `length` tokens
     read(length, rows)        host copies of tokens [0, length) of those rows: [(K, V)] of [r, H, length, D]
     write(kv, rows)           the inverse of read; the rows then hold exactly those tokens
-    copy(src, dst, length)    tokens [0, length) of row src into rows dst (fork, prefix reuse)
+    copy_rows(src, dst, n, src_rows)   tokens [0, n) (or the listed tokens) of row src into tokens [0, n)
+                              of rows dst: data only, the lengths stay (prefix reuse before a run)
+    copy(src, dst, length)    copy_rows, then rows dst hold `length` tokens (fork)
     data_ptrs(), nbytes, capacity, rows
 
 Buffers are allocated in the constructor and never move; nothing is allocated per run. Every
@@ -74,7 +76,12 @@ class KVCache(ABC):
     def write(self, kv: list[tuple[np.ndarray, np.ndarray]], rows: Sequence[int] | None = None) -> None: ...
 
     @abstractmethod
-    def copy(self, src: int, dst: Sequence[int], length: int) -> None: ...
+    def copy_rows(self, src: int, dst: Sequence[int] | int, n: int, src_rows: Sequence[int] | None = None) -> None: ...
+
+    def copy(self, src: int, dst: Sequence[int], length: int) -> None:
+        dst = [d for d in dst if d != src]
+        self.copy_rows(src, dst, length)
+        self.truncate(length, dst)
 
     @abstractmethod
     def data_ptrs(self) -> list[int]: ...
@@ -138,16 +145,17 @@ class InPlaceCache(KVCache):
             self.values[i].write_at(np.s_[idx, :, :n], v)
         self.truncate(n, rows)
 
-    def copy(self, src: int, dst: Sequence[int], length: int) -> None:
-        """Tokens [0, length) of row src into rows dst: O(length x len(dst)) bytes moved, nothing allocated
-        on the CPU (through a host copy of each buffer on CUDA)."""
-        dst = [d for d in dst if d != src]
+    def copy_rows(self, src: int, dst: Sequence[int] | int, n: int, src_rows: Sequence[int] | None = None) -> None:
+        """Tokens [0, n) of row src (or its tokens `src_rows`, n of them) into tokens [0, n) of rows dst:
+        O(n x len(dst)) bytes moved, nothing allocated on the CPU (through a host copy on CUDA)."""
+        dst = [dst] if isinstance(dst, (int, np.integer)) else [d for d in dst if d != src or src_rows is not None]
         for buf in self.keys + self.values:
-            rows = buf.to_host()[src, :, :length]          # a view on the CPU, a host copy on CUDA
-            buf.write_at(np.s_[dst, :, :length], rows[None])
-        new = self._lengths.copy()
-        new[dst] = length
-        self._lengths = _frozen(new)
+            host = buf.to_host()                           # the buffer itself on the CPU, a copy from CUDA
+            part = host[src][:, src_rows] if src_rows is not None else host[src, :, :n]
+            for d in dst:
+                host[d, :, :n] = part
+            if buf.host is None:
+                buf.ortvalue.update_inplace(host)
 
     def data_ptrs(self) -> list[int]:
         return [b.ptr for b in self.keys + self.values]
@@ -234,15 +242,16 @@ class GrowingCache(KVCache):
             buf.write_at(np.s_[: part.size], part.ravel())
         self._state = (front, n)
 
-    def copy(self, src: int, dst: Sequence[int], length: int) -> None:
+    def copy_rows(self, src: int, dst: Sequence[int] | int, n: int, src_rows: Sequence[int] | None = None) -> None:
         front, held = self._state
-        if length != held:
+        if n != held or src_rows is not None:
             raise KVCacheError("the growing cache layout copies whole rows only")
+        dst = [dst] if isinstance(dst, (int, np.integer)) else list(dst)
         shape = self._kv_shape(held)
         count = int(np.prod(shape))
         for buf in self.bufs[front]:
             packed = buf.to_host()[:count].reshape(shape)   # [B,H,n,D] packed at the buffer's start
-            packed[list(dst)] = packed[src]
+            packed[dst] = packed[src]
             if buf.host is None:
                 buf.write_at(np.s_[:count], packed.ravel())
 

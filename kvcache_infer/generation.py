@@ -81,18 +81,33 @@ def decode(step: Callable[[np.ndarray], int], prompt: np.ndarray, max_new_tokens
         nxt = int(step(np.array([nxt], dtype=np.int64)))
 
 
+class IncrementalText:
+    """Token ids in, text pieces out: holds back text that ends in an incomplete UTF-8 sequence."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or len(text) <= len(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
 def stream_text(tokenizer, ids_iter: Iterator[int]) -> Iterator[str]:
     """Decodes incrementally; holds back text that ends in an incomplete UTF-8 sequence."""
-    new: list[int] = []
-    sent = ""
+    text = IncrementalText(tokenizer)
     for tok in ids_iter:
-        new.append(tok)
-        text = tokenizer.decode(new)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > len(sent):
-            yield text[len(sent):]
-            sent = text
-    text = tokenizer.decode(new)
-    if len(text) > len(sent):
-        yield text[len(sent):]
+        piece = text.push(tok)
+        if piece:
+            yield piece
+    piece = text.flush()
+    if piece:
+        yield piece

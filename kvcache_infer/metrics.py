@@ -111,3 +111,66 @@ class MemoryProfile:
             f"  efficiency       : {100 * self.efficiency_ratio:.1f}% of allocated bytes hold live tokens",
             f"  I/O buffers      : {self.io_buffer_bytes / mib:10.2f} MiB",
         ])
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineMemoryProfile:
+    """An Engine's cache memory, with the seed design's MemoryProfile fields, each defined exactly.
+
+    A block is a slot: one sequence's rows of every layer's K and V (rows_per_block token rows,
+    max_chunk - 1 of them padding room). Physical blocks are allocated once; logical blocks are the
+    slots holding a live or retained sequence."""
+
+    device: str
+    dtype: str
+    total_bytes: int                # allocated K/V bytes, all slots and layers
+    used_bytes: int                 # rows holding live sequences' tokens
+    retained_bytes: int             # rows holding released sequences kept for prefix reuse
+    physical_blocks: int            # slots (max_sequences)
+    logical_blocks: int             # slots holding a live or retained sequence
+    rows_per_block: int             # token rows per slot (max_seq_len + max_chunk - 1)
+    page_table_bytes: int           # slot table and prefix index (radix tree), host memory
+    allocator_bytes: int            # preallocated per-run input/output buffers
+    active_sequences: int
+    total_tokens: int               # tokens held by live sequences
+    retained_sequences: int
+    retained_tokens: int
+    bytes_per_token: int            # K+V bytes of one token, all layers
+    prefix_hits: int                # sequences that adopted an indexed prefix
+    prefix_tokens_reused: int       # tokens adopted instead of computed
+    evictions: int                  # retained sequences dropped to make room
+
+    @property
+    def free_bytes(self) -> int:
+        return self.total_bytes - self.used_bytes - self.retained_bytes
+
+    @property
+    def fragmentation_ratio(self) -> float:
+        """Allocated-but-unused rows of occupied slots / allocated rows of occupied slots (0: none occupied)."""
+        rows = self.logical_blocks * self.rows_per_block
+        return 1.0 - (self.total_tokens + self.retained_tokens) / rows if rows else 0.0
+
+    @property
+    def efficiency_ratio(self) -> float:
+        """Bytes holding tokens (live and retained) / allocated bytes."""
+        return (self.used_bytes + self.retained_bytes) / self.total_bytes
+
+    def report(self) -> str:
+        mib = 1024 * 1024
+        return "\n".join([
+            f"Engine KV cache memory ({self.dtype}, {self.device})",
+            f"  total            : {self.total_bytes / mib:10.2f} MiB  ({self.physical_blocks} slots x "
+            f"{self.rows_per_block} rows x {self.bytes_per_token} bytes/token)",
+            f"  used (live)      : {self.used_bytes / mib:10.2f} MiB  ({self.total_tokens} tokens, "
+            f"{self.active_sequences} sequences)",
+            f"  retained         : {self.retained_bytes / mib:10.2f} MiB  ({self.retained_tokens} tokens, "
+            f"{self.retained_sequences} sequences kept for prefix reuse)",
+            f"  free             : {self.free_bytes / mib:10.2f} MiB",
+            f"  blocks (slots)   : {self.logical_blocks} of {self.physical_blocks} in use",
+            f"  fragmentation    : {100 * self.fragmentation_ratio:.1f}% of occupied slots' rows unused",
+            f"  efficiency       : {100 * self.efficiency_ratio:.1f}% of allocated bytes hold tokens",
+            f"  page table       : {self.page_table_bytes / 1024:10.1f} KiB (slot table + prefix index)",
+            f"  I/O buffers      : {self.allocator_bytes / mib:10.2f} MiB",
+            f"  prefix cache     : {self.prefix_hits} hits, {self.prefix_tokens_reused} tokens reused, "
+            f"{self.evictions} evictions",
+        ])

@@ -169,7 +169,7 @@ class PackedRun(BoundRun):
         self._big: tuple[HostArray, HostArray] | None = None           # outputs of a run with R > max_logits
         self._logits = HostArray(max_logits * m.vocab_size, np.float32)
         self._next = HostArray(max_logits, np.int64)
-        self._arange = np.arange(self.max_tokens, dtype=np.int64)
+        self._arange = np.arange(max(self.max_tokens, C + max_chunk), dtype=np.int64)   # positions, indices
         self._neg = np.finfo(m.np_dtype).min
         self.io = model.session.io_binding()
         self._bound = None        # the shapes of the current bindings

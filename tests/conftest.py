@@ -13,6 +13,8 @@ CONFIGS = {
     "tiny-a": dict(n_layer=2, n_head=4, n_embd=64, vocab_size=1000, n_positions=128),
     "tiny-b": dict(n_layer=3, n_head=2, n_embd=48, vocab_size=517, n_positions=96,
                    activation_function="gelu", scale_attn_by_inverse_layer_idx=True),
+    # weights 10x HF's default scale: logits far apart, so a wrong row or mask cannot hide in near-ties
+    "tiny-wide": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=300, n_positions=64, initializer_range=0.2),
 }
 ATOL = 1e-4  # fp32 logits vs PyTorch; logits here are O(1), so this is also ~1e-4 relative
 
