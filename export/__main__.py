@@ -19,8 +19,15 @@ def main(argv: list[str] | None = None) -> int:
                      help="a Hugging Face GPT-2 checkpoint (local folder, or a hub id where a hub is reachable)")
     src.add_argument("--config", metavar="NAME_OR_JSON",
                      help=f"random weights for a named config ({', '.join(NAMED_CONFIGS)}) or a GPT2Config JSON file")
+    src.add_argument("--from-export", metavar="OLD_DIR",
+                     help="an older export of ours (manifest format 1) whose checkpoint you no longer have: its "
+                          "weights are read back from the graph and exported in the current format")
     ap.add_argument("--seed", type=int, default=0, help="seed for random weights with --config (default 0)")
-    ap.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced if it exists)")
+    ap.add_argument("--out", required=True, metavar="DIR",
+                    help="output folder: a new or empty one, or a previous export of ours (its files are replaced)")
+    ap.add_argument("--force", action="store_true",
+                    help="write into an --out folder that holds other files (files named like the export's are "
+                         "replaced, the others stay)")
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                     help="weights and KV cache precision (logits are float32 either way; default float32)")
     ap.add_argument("--weights", choices=["int8", "int4"], default=None,
@@ -39,19 +46,30 @@ def main(argv: list[str] | None = None) -> int:
         args.parity_rtol = 1e-4 if args.dtype == "float32" else 2e-2
     if not args.parity_rtol > 0:
         ap.error(f"--parity-rtol must be > 0, got {args.parity_rtol}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        ap.error(f"--out {args.out} exists and is not a folder")
 
     from .parity import ParityError
-    from .pipeline import export_gpt2
+    from .pipeline import OutputFolderError, check_out, export_gpt2
     from .source import load_source
 
     try:
+        check_out(Path(args.out), args.force)          # before any work
+    except OutputFolderError as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 2
+    try:
         print("loading the source model ...", flush=True)
-        hf, desc, tok_dir = load_source(model=args.model, config=args.config, seed=args.seed)
+        if args.from_export:
+            from .upgrade import check_against_old, hf_model_from_export
+            old = Path(args.from_export)
+            hf, desc = hf_model_from_export(old)
+            tok_dir = old
+        else:
+            hf, desc, tok_dir = load_source(model=args.model, config=args.config, seed=args.seed)
         export_gpt2(hf, args.out, source=desc, tokenizer_dir=tok_dir, dtype=args.dtype, parity_rtol=args.parity_rtol,
                     weights=args.weights, block_size=args.block_size, symmetric=not args.asymmetric,
-                    log=lambda s: print(s, flush=True))
+                    force=args.force, log=lambda s: print(s, flush=True))
+        if args.from_export and not args.weights:
+            print(f"against {old}: max |logit diff| {check_against_old(old, Path(args.out)):.2e}", flush=True)
     except ParityError as e:
         print(f"export FAILED: {e}", file=sys.stderr)
         return 1

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,21 +44,74 @@ QUALITY_BUDGET = {"int8": {"mean_err_over_std": 0.1, "top1": 0.5},
                   "int4": {"mean_err_over_std": 0.5, "top1": 0.1}}
 
 
+class OutputFolderError(ValueError):
+    """--out names something the exporter must not write into."""
+
+
+def is_our_export(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("format") == "kvcache-infer/manifest"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out(out: Path, force: bool = False) -> str:
+    """What publishing to `out` will do, decided before any work: "new", "empty" (an empty folder),
+    "replace" (a previous export of ours) or "force" (--force into a folder of other files). Raises
+    OutputFolderError for anything else. Nothing of the user's is ever deleted: publishing moves the
+    new files in by name, and files that are not part of an export stay."""
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise OutputFolderError(f"--out {out} exists and is not a folder")
+    if not any(out.iterdir()):
+        return "empty"
+    if is_our_export(out):
+        return "replace"
+    if force:
+        return "force"
+    others = sorted(p.name for p in out.iterdir())
+    raise OutputFolderError(
+        f"--out {out} is a folder that holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}) "
+        "and no export of ours; choose a new folder name, or pass --force to write the export's files into it "
+        "(files of the same name are replaced, the others stay)")
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Moves the export's files from `work` into `out` (created if missing); other files in `out` stay."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(work.iterdir()):
+        os.replace(f, out / f.name)
+    work.rmdir()
+
+
 def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: Path | None = None,
                 dtype: str = "float32", parity_rtol: float = 1e-4, weights: str | None = None,
-                block_size: int = 128, symmetric: bool = True, log=print) -> Path:
+                block_size: int = 128, symmetric: bool = True, force: bool = False, log=print) -> Path:
     """Writes OUT/model.onnx and OUT/manifest.json for a GPT2LMHeadModel.
 
-    Files are written to OUT.partial/ and moved to OUT/ only after the parity check passes; on a
-    failed check they stay in OUT.failed/ and ParityError propagates. Returns OUT."""
+    OUT must be new, empty, a previous export of ours, or (force=True) any folder (check_out). Files
+    are written to a fresh OUT.partial-* folder beside it and moved into OUT only after the parity
+    check passes; on a failed check they stay in a fresh OUT.failed-* folder and ParityError
+    propagates. Returns OUT."""
+    out = Path(out_dir)
+    mode = check_out(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
+    try:
+        return _export(hf_model, out, work, mode, source=source, tokenizer_dir=tokenizer_dir, dtype=dtype,
+                       parity_rtol=parity_rtol, weights=weights, block_size=block_size, symmetric=symmetric, log=log)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)              # our own scratch folder: gone on any failure
+
+
+def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir, dtype, parity_rtol, weights,
+            block_size, symmetric, log) -> Path:
     import onnx
 
     from kvcache_infer.manifest import PACKED_INPUTS, Manifest
 
-    out = Path(out_dir)
-    work = out.with_name(out.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     cfg = hf_model.config
     E, N, L = cfg.n_embd, cfg.n_head, cfg.n_layer
     log(f"exporting GPT-2 ({L} layers, {N} heads, hidden {E}, vocab {cfg.vocab_size}, "
@@ -106,19 +161,18 @@ def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: P
             parity = check_parity(hf_model, work, rtol=parity_rtol,
                                   budget=QUALITY_BUDGET[weights] if weights else None)
         except Exception:
-            failed = out.with_name(out.name + ".failed")
-            shutil.rmtree(failed, ignore_errors=True)
-            work.rename(failed)
-            log(f"  PARITY FAILED: the files are kept in {failed} for inspection; nothing was written to {out}")
+            failed = Path(tempfile.mkdtemp(prefix=out.name + ".failed-", dir=out.parent))
+            _publish(work, failed)
+            log(f"  parity check failed: the files are kept in {failed} for inspection; nothing was written to {out}")
             raise
     log(f"  parity: max |diff| {parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:.2e}"
         f"{', not applied: quality budget instead' if weights else ''}), mean |diff| / std "
         f"{parity['mean_err_over_std']:.4f}, top-1 agreement {100 * parity['top1_agreement']:.1f}%")
     record["parity"] = parity
     (work / "manifest.json").write_text(json.dumps(record, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    if mode == "replace":
+        log(f"replacing the previous export in {out} (other files there stay)")
+    _publish(work, out)
     log(f"wrote {out / 'model.onnx'} ({(out / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
     log(f"wrote {out / 'manifest.json'}")
     for name in copied:

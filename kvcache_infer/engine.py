@@ -242,13 +242,13 @@ class Engine:
                 return 0
             return self.index.match(toks[:-1])[1]
 
-    def _plan_adoption(self, seq: Sequence, ids: np.ndarray):
-        """(row the run writes, tokens adopted, source slot, take over?) for a sequence at position 0.
-        Copies the adopted rows into seq's own slot when not taking over: rows past its length 0,
-        invisible until committed."""
-        if not self.prefix_cache or seq.position or isinstance(seq, TreeSequence) or ids.size < 2:
+    def _plan_adoption(self, seq: Sequence, ids: np.ndarray, keep_last: bool = True):
+        """(row the run writes, tokens adopted, source slot, take over?) for a sequence at position 0;
+        keep_last leaves the last token to run (its logits are wanted). Copies the adopted rows into
+        seq's own slot when not taking over: rows past its length 0, invisible until committed."""
+        if not self.prefix_cache or seq.position or isinstance(seq, TreeSequence) or ids.size < 1 + keep_last:
             return seq._slot, 0, None, False
-        src, n = self.index.match(ids[:-1])
+        src, n = self.index.match(ids[:-1] if keep_last else ids)
         if src is None or n == 0:
             return seq._slot, 0, None, False
         takeover = src in self._retained and self.index.entries[src].size == n
@@ -267,16 +267,17 @@ class Engine:
         self.stats["prefix_hits"] += 1
         self.stats["prefix_tokens_reused"] += n
 
-    def reuse_prefix(self, seq: Sequence, tokens) -> int:
-        """Lets an empty sequence adopt the longest indexed prefix of `tokens` (at most len - 1) without
-        running anything; returns how many tokens it now holds. The scheduler calls this before a
-        request's first prompt chunk, so that a prefix longer than one chunk is reused whole."""
+    def reuse_prefix(self, seq: Sequence, tokens, keep_last: bool = True) -> int:
+        """Lets an empty sequence adopt the longest indexed prefix of `tokens` without running anything
+        (at most len - 1 tokens with keep_last, so that the last one still runs and gives logits);
+        returns how many tokens it now holds. The scheduler calls this before a request's first prompt
+        chunk, so that a prefix longer than one chunk is reused whole."""
         with self.lock:
             self._check_live(seq)
             if seq.position:
                 raise InvalidInputError(f"reuse_prefix() needs an empty sequence; this one holds {seq.position} tokens")
             ids = self.check_ids(tokens, "tokens")
-            row, n, src, takeover = self._plan_adoption(seq, ids)
+            row, n, src, takeover = self._plan_adoption(seq, ids, keep_last)
             if n:
                 self.cache.truncate(n, [row])
                 self._commit_adoption(seq, row, n, src, takeover)
@@ -379,22 +380,23 @@ class Engine:
         if self._live.get(seq._slot) is not seq:
             raise InvalidInputError(f"{seq!r} does not belong to this Engine")
 
-    def check_ids(self, ids, what: str = "ids") -> np.ndarray:
-        """Validated token ids as a 1-D int64 array (InvalidInputError otherwise)."""
+    def check_ids(self, ids, what: str = "ids", seq: Sequence | None = None) -> np.ndarray:
+        """Validated token ids as a 1-D int64 array (InvalidInputError naming `what` of `seq` otherwise)."""
+        def bad(msg: str) -> InvalidInputError:
+            return InvalidInputError(msg.format(what=what if seq is None else f"{what} for {seq!r}"))
         try:
             a = ids if isinstance(ids, np.ndarray) else np.asarray(ids)
         except (ValueError, TypeError, OverflowError) as e:
-            raise InvalidInputError(f"{what} must be a 1-D sequence of ints; could not read {type(ids).__name__}: "
-                                    f"{e}") from None
+            raise bad(f"{{what}} must be a 1-D sequence of ints; could not read {type(ids).__name__}: {e}") from None
         if a.ndim != 1 or a.size == 0:
-            raise InvalidInputError(f"{what} must be a non-empty 1-D sequence of token ids, got shape {a.shape}")
+            raise bad(f"{{what}} must be a non-empty 1-D sequence of token ids, got shape {a.shape}")
         if a.dtype.kind not in "iu":
-            raise InvalidInputError(f"{what} must be integers, got dtype {a.dtype}; ids are never converted "
-                                    "silently: cast them yourself if that is what you mean")
+            raise bad(f"{{what}} must be integers, got dtype {a.dtype}; ids are never converted silently: cast "
+                      "them yourself if that is what you mean")
         V = self.manifest.vocab_size
         lo, hi = int(a.min()), int(a.max())
         if lo < 0 or hi >= V:
-            raise InvalidInputError(f"token id {lo if lo < 0 else hi} in {what} is outside the vocabulary [0, {V})")
+            raise bad(f"token id {lo if lo < 0 else hi} in {{what}} is outside the vocabulary [0, {V})")
         return a.astype(np.int64, copy=False)
 
     def _check_feeds(self, feeds):
@@ -419,7 +421,7 @@ class Engine:
             parents = None
             if isinstance(seq, TreeSequence):
                 nodes = ids if isinstance(ids, Nodes) else Nodes(ids)
-                toks = self.check_ids(nodes.tokens, f"the nodes' tokens for {seq!r}")
+                toks = self.check_ids(nodes.tokens, "the nodes' tokens", seq)
                 parents = self._check_parents(seq, nodes.parents, toks.size)
                 depth = self._depths(seq, parents, len(parents))
                 if depth.size and int(depth.max()) >= self.manifest.max_positions:
@@ -430,7 +432,7 @@ class Engine:
                 raise InvalidInputError(f"{seq!r} is a Sequence: give it ids; Nodes are for a TreeSequence "
                                         "(Engine.new_tree())")
             else:
-                ids = self.check_ids(ids, f"the ids for {seq!r}")
+                ids = self.check_ids(ids, "the ids", seq)
             if seq.position + ids.size > self.max_seq_len:
                 raise CapacityError(
                     f"{ids.size} token(s) at position {seq.position} of {seq!r} would exceed max_seq_len="

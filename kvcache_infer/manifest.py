@@ -260,7 +260,7 @@ def manifest_from_graph(inputs: dict, outputs: dict, config_path: Path, model_fi
     if not isinstance(max_positions, int) or not isinstance(vocab, int):
         raise ModelFormatError(
             f"cannot tell the position limit or vocab size of this model: no manifest.json and no usable "
-            f"{config_path}; write a manifest.json (see docs) or export with `python -m export`")
+            f"{config_path}; write a manifest.json (docs/manifest.md) or export with `python -m export`")
     dtype = ORT_TYPE_TO_DTYPE.get(inputs[past_key[0]].type)
     if dtype is None:
         raise ModelFormatError(f"{past_key[0]} has unsupported type {inputs[past_key[0]].type}")

@@ -17,10 +17,11 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from kvcache_infer import (CacheAllocationError, CapacityError, ConcurrentUseError, DeviceError, InvalidInputError,
-                           KVCacheInferencer, Model, ModelFormatError, ModelNotFoundError)
+from kvcache_infer import (CacheAllocationError, CapacityError, ConcurrentUseError, DeviceError, Engine,
+                           InvalidInputError, KVCacheInferencer, Model, ModelFormatError, ModelNotFoundError, Nodes)
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+FORMAT1 = Path(__file__).parent / "data" / "format1-tiny"   # an export of the previous format (padded [B, S] ids)
 
 
 class Env:
@@ -32,6 +33,15 @@ class Env:
         self.inf = KVCacheInferencer(self.model, max_seq_len=32)
         self.inf.forward(np.arange(7))
         self.batch3 = KVCacheInferencer(self.model, batch_size=3, max_seq_len=32)
+        # An engine with 4 slots: a (7 tokens), b (5), a tree (6 nodes), one retained sequence (9)
+        self.engine = Engine(self.model, max_sequences=4, max_seq_len=32, max_chunk=8)
+        e = self.engine
+        self.a, self.b, gone, self.tree = e.new_sequence(), e.new_sequence(), e.new_sequence(), e.new_tree()
+        e.step({self.a: np.arange(7), self.b: np.arange(10, 15), gone: np.arange(20, 29),
+                self.tree: Nodes([1, 2, 3, 4, 5, 6], [-1, 0, 0, 1, 1, 2])})
+        e.release(gone)
+        self.released = gone
+        self.other = Engine(self.model, max_sequences=1, max_seq_len=8).new_sequence()
         self._n = 0
 
     def copy(self) -> Path:
@@ -76,6 +86,23 @@ class Env:
         onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(d / "model.onnx"))
         return d
 
+    def engine_state(self):
+        """Everything about the engine a caller can observe, and every cache byte of every token held."""
+        e = self.engine
+        lengths = e.cache.lengths.copy()
+        rows = [np.concatenate([a.ravel() for kv in e.cache.read(int(n), [s]) for a in kv])
+                for s, n in enumerate(lengths)]
+        seqs = [(s.id, s.slot, s.tokens) for s in e.live]
+        index = {r: t.tolist() for r, t in e.index.entries.items()}
+        return lengths.tolist(), rows, seqs, index, dict(e.stats), (self.tree.tokens, tuple(self.tree._parents))
+
+    def engine_fill(self):
+        """An engine whose slots all hold live sequences: one more new_sequence() or fork() cannot fit."""
+        e = Engine(self.model, max_sequences=2, max_seq_len=16)
+        a = e.new_sequence()
+        e.new_sequence()
+        return e, a
+
     def full_then_one(self):
         inf = KVCacheInferencer(self.model, max_seq_len=2)
         inf.forward([1, 2])
@@ -116,6 +143,77 @@ class Case:
 
 
 F = lambda ids: (lambda env: env.inf.forward(ids))  # noqa: E731
+S = lambda ids: (lambda env: env.engine.step({env.a: ids, env.b: [1]}))  # noqa: E731
+E = lambda f: (lambda env: f(env.engine, env))  # noqa: E731
+ENGINE_CASES = [
+    # Engine.step(): handles
+    Case("engine: handle of another engine", E(lambda e, env: e.step({env.other: [1]})), InvalidInputError,
+         "does not belong"),
+    Case("engine: released handle", E(lambda e, env: e.step({env.a: [1], env.released: [2]})), InvalidInputError,
+         "was released"),
+    Case("engine: not a handle", E(lambda e, env: e.step({3: [1]})), InvalidInputError, "expected a Sequence"),
+    Case("engine: a sequence given twice", E(lambda e, env: e.step([(env.a, [1]), (env.b, [2]), (env.a, [3])])),
+         InvalidInputError, "given twice"),
+    Case("engine: nothing to step", E(lambda e, env: e.step({})), InvalidInputError, "at least one"),
+    Case("engine: feeds not pairs", E(lambda e, env: e.step([env.a])), InvalidInputError, "pairs"),
+    Case("engine: feeds an int", E(lambda e, env: e.step(5)), InvalidInputError, "takes"),
+    # Engine.step(): ids
+    Case("engine: id == vocab size", S([1000]), InvalidInputError, "outside the vocabulary"),
+    Case("engine: negative id", S([3, -1]), InvalidInputError, "outside the vocabulary"),
+    Case("engine: float ids", S(np.array([1.0])), InvalidInputError, "must be integers"),
+    Case("engine: empty ids", S([]), InvalidInputError, "non-empty"),
+    Case("engine: 2-D ids", S(np.zeros((1, 2), np.int64)), InvalidInputError, "1-D"),
+    Case("engine: string ids", S("ab"), InvalidInputError, "must be"),
+    Case("engine: step past max_seq_len", S(np.arange(26)), CapacityError, "max_seq_len=32"),
+    Case("engine: Nodes for a plain sequence", E(lambda e, env: e.step({env.a: Nodes([1])})), InvalidInputError,
+         "Nodes are for a TreeSequence"),
+    # trees
+    Case("engine: tree parent past the nodes", E(lambda e, env: e.step({env.tree: Nodes([1, 2], [0, 7])})),
+         InvalidInputError, r"parents\[1\] = 7"),
+    Case("engine: tree parent below -1", E(lambda e, env: e.step({env.tree: Nodes([1], [-2])})), InvalidInputError,
+         "a parent must be -1"),
+    Case("engine: tree parents of the wrong length", E(lambda e, env: e.step({env.tree: Nodes([1, 2], [0])})),
+         InvalidInputError, "2 ints"),
+    Case("engine: tree nodes past max_seq_len", E(lambda e, env: e.step({env.tree: Nodes(list(range(27)))})),
+         CapacityError, "max_seq_len=32"),
+    Case("engine: fork(seq, node) of a plain sequence", E(lambda e, env: e.fork(env.a, node=0)), InvalidInputError,
+         "takes a TreeSequence"),
+    Case("engine: fork(tree, node) past the nodes", E(lambda e, env: e.fork(env.tree, node=6)), InvalidInputError,
+         r"\[0, 6\)"),
+    # slots
+    Case("engine: new_sequence() with every slot live", lambda env: env.engine_fill()[0].new_sequence(),
+         CapacityError, "all 2 slots hold live sequences"),
+    Case("engine: fork() with every slot live", lambda env: (lambda e, a: e.fork(a))(*env.engine_fill()),
+         CapacityError, "all 2 slots"),
+    Case("engine: release twice", E(lambda e, env: e.release(env.released)), InvalidInputError, "was released"),
+    Case("engine: truncate past position", E(lambda e, env: e.truncate(env.a, 8)), InvalidInputError,
+         r"position=7"),
+    Case("engine: reuse_prefix on a non-empty sequence", E(lambda e, env: e.reuse_prefix(env.a, [1, 2])),
+         InvalidInputError, "needs an empty sequence"),
+    # requests
+    Case("engine: generate() with one flat prompt", E(lambda e, env: e.generate([1, 2, 3])), InvalidInputError,
+         "list of prompts"),
+    Case("engine: generate() with a text but no tokenizer", E(lambda e, env: e.generate(["hi"])), InvalidInputError,
+         "tokenizer.json"),
+    Case("engine: max_new_tokens per prompt, wrong count", E(lambda e, env: e.generate([[1], [2]], max_new_tokens=[3])),
+         InvalidInputError, "1 entries for 2 prompts"),
+    Case("engine: max_new_tokens 0", E(lambda e, env: e.generate([[1]], max_new_tokens=0)), InvalidInputError,
+         "max_new_tokens"),
+    Case("engine: prompt + new tokens past max_seq_len", E(lambda e, env: e.submit(list(range(30)), max_new_tokens=5)),
+         CapacityError, "max_seq_len=32"),
+    Case("engine: temperature -1", E(lambda e, env: e.submit([1], temperature=-1)), InvalidInputError, "temperature"),
+    Case("engine: stop id out of range", E(lambda e, env: e.submit([1], stop_ids=[1000])), InvalidInputError,
+         "stop_ids"),
+    Case("engine: an empty list of prompts", E(lambda e, env: e.generate([])), InvalidInputError, "empty"),
+    # construction
+    Case("engine: max_sequences 0", lambda env: Engine(env.model, max_sequences=0), InvalidInputError, ">= 1"),
+    Case("engine: max_seq_len above the model limit", lambda env: Engine(env.model, max_seq_len=129), InvalidInputError,
+         "max_positions=128"),
+    Case("engine: max_chunk 0", lambda env: Engine(env.model, max_chunk=0), InvalidInputError, "max_chunk"),
+    Case("engine: cache larger than memory", lambda env: Engine(env.model, max_sequences=10**7), CacheAllocationError,
+         r"needs \d+\.\d+ GiB"),
+    Case("engine: a padded (format 1) graph", lambda env: Engine(FORMAT1), ModelFormatError, "python -m export"),
+]
 CASES = [
     # forward(): ids
     Case("id == vocab size", F([1000]), InvalidInputError, "outside the vocabulary"),
@@ -210,6 +308,7 @@ CASES = [
          ModelFormatError, "expected format"),
     Case("manifest missing a field", lambda env: KVCacheInferencer(env.with_manifest(num_heads=None)),
          ModelFormatError, "malformed manifest"),
+    *ENGINE_CASES,
 ]
 
 

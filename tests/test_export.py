@@ -54,7 +54,9 @@ def test_parity_failure_fails_the_export_loudly(tmp_path, monkeypatch):
     monkeypatch.setattr(export.pipeline, "build_gpt2_graph", corrupted)
     with pytest.raises(ParityError, match="differ from GPT2LMHeadModel"):
         export_gpt2(make_hf("tiny-a"), tmp_path / "out", source={}, log=lambda s: None)
-    assert not (tmp_path / "out").exists() and (tmp_path / "out.failed" / "model.onnx").is_file()
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out.")][0].startswith("out.failed-")
+    assert next(tmp_path.glob("out.failed-*/model.onnx")).is_file()
 
 
 def test_unsupported_config_is_refused(tmp_path):
@@ -84,7 +86,7 @@ def test_cli_exports_a_named_config_and_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("argv,msg", [
     (["--config", "tiny"], "the following arguments are required: --out"),
     (["--config", "tiny", "--model", "x", "--out", "o"], "not allowed with argument"),
-    (["--out", "o"], "one of the arguments --model --config is required"),
+    (["--out", "o"], "one of the arguments --model --config --from-export is required"),
     (["--config", "tiny", "--seed", "abc", "--out", "o"], "invalid int value: 'abc'"),
     (["--config", "tiny", "--parity-rtol", "-1", "--out", "o"], "--parity-rtol must be > 0"),
     (["--config", "tiny", "--out", "FILE"], "exists and is not a folder"),
@@ -104,3 +106,63 @@ def test_cli_rejects_bad_arguments_with_exit_2(argv, msg, tmp_path, capsys):
         code = e.code
     assert code == 2
     assert msg in capsys.readouterr().err
+
+
+def _export_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "export", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_out_onto_a_folder_of_user_files_refuses_then_force_keeps_them(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    r = _export_cli("--config", "tiny", "--out", str(mine))
+    assert r.returncode == 2 and "holds other files (notes.txt)" in r.stderr and "Traceback" not in r.stderr
+    assert "rm " not in r.stderr and "delete" not in r.stderr       # never advises destroying the user's files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]   # nothing left behind, nothing touched
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    r = _export_cli("--config", "tiny", "--out", str(mine), "--force")
+    assert r.returncode == 0, r.stderr
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "model.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_out_onto_a_previous_export_replaces_only_its_files(tmp_path):
+    out = tmp_path / "m"
+    assert _export_cli("--config", "tiny", "--seed", "1", "--out", str(out)).returncode == 0
+    (out / "README.txt").write_text("kept")
+    r = _export_cli("--config", "tiny", "--seed", "2", "--out", str(out))
+    assert r.returncode == 0 and "replacing the previous export" in r.stdout
+    assert json.loads((out / "manifest.json").read_text())["source"]["seed"] == 2
+    assert (out / "README.txt").read_text() == "kept"
+
+
+FORMAT1 = Path(__file__).parent / "data" / "format1-tiny"
+
+
+def test_a_format1_export_still_runs_and_matches_the_weights_it_holds(rng):
+    from export.upgrade import hf_model_from_export
+    from kvcache_infer import KVCacheInferencer
+
+    from .conftest import hf_logits
+    hf, _ = hf_model_from_export(FORMAT1)
+    inf = KVCacheInferencer(FORMAT1, max_seq_len=16)
+    assert inf.manifest.tokens == "padded"
+    ids = rng.integers(0, hf.config.vocab_size, 12)
+    got = [inf.forward(ids[:8])] + [inf.forward(ids[t:t + 1]) for t in range(8, 12)]
+    want = hf_logits(hf, ids[None])[0, 7:]
+    np.testing.assert_allclose(np.stack(got), want, atol=1e-4 * max(1.0, float(np.abs(want).max())), rtol=0)
+
+
+def test_from_export_upgrades_format1_to_packed_with_the_same_logits(tmp_path):
+    from kvcache_infer import Engine
+    out = tmp_path / "new"
+    r = _export_cli("--from-export", str(FORMAT1), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "against" in r.stdout and "max |logit diff|" in r.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["format_version"], m["tokens"], m["source"]["kind"]) == (2, "packed", "upgraded-export")
+    eng = Engine(out, max_sequences=2, max_seq_len=16)
+    s = eng.new_sequence()
+    assert eng.step({s: [1, 2, 3]})[s].shape == (m["vocab_size"],)
