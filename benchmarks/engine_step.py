@@ -30,8 +30,8 @@ def worker(a) -> None:
     V = model.manifest.vocab_size
     rng = np.random.default_rng(a.seed)
     eng = Engine(model, max_sequences=16, max_seq_len=a.position + a.steps + 64 + 8, max_chunk=64)
-    seqs = [eng.new_sequence() for _ in range(16)]
     case = a.worker
+    seqs = [eng.new_sequence() for _ in range(1 if case == "fork" else 16)]
     hold = 16 if case in ("idle-slots", "mixed", "split") else int(case.split("-")[1]) if case.startswith("decode") else 1
     for s in seqs[:hold]:
         eng.step({s: rng.integers(0, V, a.position)})

@@ -36,9 +36,6 @@ from .isolate import emit, out_dir, run_rounds, spread
 METHODS = ("no-cache", "reprefill", "restore", "rewind", "engine-fork", "engine-tree")
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
 
 
 class Node:
@@ -67,10 +64,12 @@ class Search:
         self.evals = 0
 
     def set_result(self, node: Node, logits: np.ndarray) -> None:
-        p = softmax(logits.astype(np.float64))
-        top = np.argsort(-p, kind="stable")[: self.expand]
-        node.logits_top = [(int(t), float(p[t])) for t in top]
-        node.value = float(p[top[0]])
+        """The node's value (its top softmax probability) and its children-to-be (top tokens, priors)."""
+        top = np.argpartition(-logits, self.expand)[: self.expand]
+        top = top[np.argsort(-logits[top], kind="stable")]
+        z = float(np.exp(logits - logits[top[0]]).sum())
+        node.logits_top = [(int(t), float(np.exp(logits[t] - logits[top[0]])) / z) for t in top]
+        node.value = node.logits_top[0][1]
 
     def select(self) -> list[Node]:
         leaves, virtual = [], []
@@ -225,17 +224,23 @@ def worker(a) -> None:
     V, P = model.manifest.vocab_size, model.manifest.max_positions
     root = np.random.default_rng(a.seed).integers(0, V, a.root)
     budget = a.evals_slow if a.worker in ("no-cache", "reprefill") else a.evals
-    cap = min(P, a.root + (budget + a.batch_leaves * a.expand if a.worker == "engine-tree" else a.depth + 1))
-    search = Search(root, a.expand, a.batch_leaves, a.depth)
-    evaluate = method(a.worker, model, search, cap)
-    seconds = search.run(evaluate, budget)
-    depths = []
-    stack = [search.root]
-    while stack:
-        n = stack.pop()
-        depths.append(n.depth)
-        stack.extend(n.children)
-    emit({"method": a.worker, "evaluations": search.evals, "seconds": seconds, "evals_per_s": search.evals / seconds,
+    tree_rows = a.root + budget + a.batch_leaves * a.expand
+    if a.worker == "engine-tree" and tree_rows > P:
+        raise SystemExit(f"a tree of {tree_rows} nodes does not fit the model's {P} positions: lower --evals")
+    cap = min(P, tree_rows if a.worker == "engine-tree" else a.root + a.depth + 1)
+    evals, seconds, depths = 0, 0.0, []
+    for _ in range(a.repeats):                 # the same search again: enough work to time, one tree at a time
+        search = Search(root, a.expand, a.batch_leaves, a.depth)
+        evaluate = method(a.worker, model, search, cap)
+        seconds += search.run(evaluate, budget)
+        evals += search.evals
+        stack = [search.root]
+        while stack:
+            n = stack.pop()
+            depths.append(n.depth)
+            stack.extend(n.children)
+        del evaluate
+    emit({"method": a.worker, "evaluations": evals, "seconds": seconds, "evals_per_s": evals / seconds,
           "max_depth": max(depths), "mean_depth": float(np.mean(depths)), "environment": environment(a.threads)})
 
 
@@ -248,6 +253,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=32, help="maximum depth below the root (default 32)")
     ap.add_argument("--evals", type=int, default=256, help="evaluations per run (default 256)")
     ap.add_argument("--evals-slow", type=int, default=64, help="evaluations for no-cache and reprefill (default 64)")
+    ap.add_argument("--repeats", type=int, default=1, help="searches per run, each from a fresh root (default 1)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -259,6 +265,7 @@ def main() -> None:
         return worker(a)
     args = ["--model", a.model, "--root", str(a.root), "--expand", str(a.expand), "--batch-leaves", str(a.batch_leaves),
             "--depth", str(a.depth), "--evals", str(a.evals), "--evals-slow", str(a.evals_slow), "--seed", str(a.seed),
+            "--repeats", str(a.repeats),
             "--threads", str(a.threads)]
     print(f"== tree search, {a.model}: root {a.root} tokens, {a.expand} children per expansion, {a.batch_leaves} "
           f"expansions per batch, depth <= {a.depth}; {a.rounds} rounds, each method alone in its own process", flush=True)

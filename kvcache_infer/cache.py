@@ -104,8 +104,11 @@ class InPlaceCache(KVCache):
         super().__init__(manifest, rows, capacity, device, device_id)
         self.shape = (rows, manifest.num_kv_heads, capacity, manifest.head_dim)
         dtype = manifest.np_dtype
-        self.keys = [DeviceBuffer(self.shape, dtype, device, device_id) for _ in range(manifest.num_layers)]
-        self.values = [DeviceBuffer(self.shape, dtype, device, device_id) for _ in range(manifest.num_layers)]
+        # Zero-filled: every page is touched now, not at a run's or a fork's first write to a row (a
+        # first touch costs a page fault: measured 10-50x slower copies into a fresh slot), and the
+        # memory is really taken at construction, where a shortage is reported.
+        self.keys = [DeviceBuffer(self.shape, dtype, device, device_id, fill=0) for _ in range(manifest.num_layers)]
+        self.values = [DeviceBuffer(self.shape, dtype, device, device_id, fill=0) for _ in range(manifest.num_layers)]
         self._lengths = _frozen(np.zeros(rows))
 
     @property
@@ -175,7 +178,7 @@ class GrowingCache(KVCache):
         super().__init__(manifest, rows, capacity, device, device_id)
         size = (rows * manifest.num_kv_heads * capacity * manifest.head_dim,)
         L = manifest.num_layers
-        self.bufs = [[DeviceBuffer(size, manifest.np_dtype, device, device_id) for _ in range(4 * L)]
+        self.bufs = [[DeviceBuffer(size, manifest.np_dtype, device, device_id, fill=0) for _ in range(4 * L)]
                      for _ in range(2)]
         self._state = (0, 0)  # (front buffer index, length): changed together, in one assignment
         self.mask = DeviceBuffer((rows * capacity,), np.int64, device, device_id, fill=1)
