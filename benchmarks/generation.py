@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--prefix", type=int, default=500)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/generation_cpu.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/generation_cpu.json"))
     a = ap.parse_args()
 
     model = Model(a.model, intra_op_threads=a.threads, session_options=session_options(a.threads))

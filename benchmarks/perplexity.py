@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=48)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/perplexity_cpu.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/perplexity_cpu.json"))
     a = ap.parse_args()
     _, held, info = stdlib_bytes()
     rng = np.random.default_rng(7)

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fp16_parity_cpu.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/fp16_parity_cpu.json"))
     a = ap.parse_args()
 
     load = lambda p: Model(p, device=a.device, intra_op_threads=a.threads,  # noqa: E731

@@ -3,7 +3,7 @@
     python -m benchmarks.profile_step --model models/gpt2-int4 --position 512 --threads 2 [--batch 16]
 
 Runs --steps one-token steps at the position (after warm-up) with profiling on and sums the
-kernel times per op type (median step). JSON under benchmarks/results/.
+kernel times per op type (median step). JSON under benchmarks/out/ (--out to choose).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def main() -> None:
            "median_step_ms": total, "kernel_ms_by_op": ops, "kernel_ms_sum": sum(ops.values()),
            "share_by_op": {k: v / total for k, v in ops.items()}}
     suffix = f"_b{a.batch}" if a.batch != 1 else ""
-    out = a.out or Path(f"benchmarks/results/profile_{a.model.name}_pos{a.position}{suffix}.json")
+    out = a.out or Path(f"benchmarks/out/profile_{a.model.name}_pos{a.position}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"{a.model} at position {a.position}, batch {a.batch}: median step {total:.2f} ms (ORT run), kernels:")

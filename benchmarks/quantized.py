@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=6)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/quantized_cpu.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/quantized_cpu.json"))
     a = ap.parse_args()
 
     bw = matvec_bandwidth(a.threads)

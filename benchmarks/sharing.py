@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=8)
     ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sharing_cpu.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/out/sharing_cpu.json"))
     a = ap.parse_args()
     proc = psutil.Process()
 

@@ -38,7 +38,41 @@ from onnx import TensorProto
 from .graph import MS_DOMAIN, ONNX_DTYPE, GraphBuilder
 
 OPSET = 17
-SUPPORTED_ACTIVATIONS = {"gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu", "gelu": "BiasGelu"}  # both take (x, bias)
+
+
+def _act_fused(op):
+    return lambda g, x, b, name, dtype: g.node(op, [x, b], name=name, domain=MS_DOMAIN)[0]
+
+
+def _act_onnx(*ops, scale: float | None = None, gate: bool = False, **attrs):
+    """bias add, then ops in turn; scale: x * scale before them; gate: multiply the result by x."""
+    def build(g, x, b, name, dtype):
+        (h,) = g.node("Add", [x, b], name=name + "/bias")
+        y = h
+        if scale is not None:
+            (y,) = g.node("Mul", [y, g.weight(name + "/scale", np.asarray(scale, dtype))], name=name + "/scale")
+        for op in ops:
+            (y,) = g.node(op, [y], name=f"{name}/{op.lower()}", **attrs)
+        if gate:
+            (y,) = g.node("Mul", [h, y], name=name + "/gate")
+        return y
+    return build
+
+
+# activation_function -> the graph's MLP activation of (x, bias). Anything else is refused before any
+# work (ACT2FN names: gelu_new/gelu_fast/gelu_pytorch_tanh/gelu_accurate are the tanh approximation,
+# gelu/gelu_python the exact erf one).
+ACTIVATIONS = {
+    "gelu_new": _act_fused("FastGelu"), "gelu_fast": _act_fused("FastGelu"),
+    "gelu_pytorch_tanh": _act_fused("FastGelu"), "gelu_accurate": _act_fused("FastGelu"),
+    "gelu": _act_fused("BiasGelu"), "gelu_python": _act_fused("BiasGelu"),
+    "relu": _act_onnx("Relu"), "silu": _act_onnx("Sigmoid", gate=True), "swish": _act_onnx("Sigmoid", gate=True),
+    "quick_gelu": _act_onnx("Sigmoid", scale=1.702, gate=True), "sigmoid": _act_onnx("Sigmoid"),
+    "tanh": _act_onnx("Tanh"), "linear": _act_onnx(), "mish": _act_onnx("Softplus", "Tanh", gate=True),
+    "leaky_relu": _act_onnx("LeakyRelu", alpha=0.01),
+}
+HEAD_DIM_MULTIPLE = 8    # GroupQueryAttention (ORT 1.32, CPU): "head_size must be a multiple of 8"; no upper
+                         # limit up to 1024 (measured)
 
 
 def io_names(n_layer: int) -> dict:
@@ -62,17 +96,21 @@ def io_names(n_layer: int) -> dict:
 
 
 def check_config(config) -> None:
-    """Raises ValueError for GPT-2 variants this graph does not express."""
+    """Raises ValueError, naming every problem, for GPT-2 variants this graph does not express.
+    reorder_and_upcast_attn changes nothing in fp32 (the same scores, computed in another order);
+    scale_attn_weights and scale_attn_by_inverse_layer_idx fold into the Q weights; n_inner and an
+    untied lm_head come from the weights themselves."""
     problems = []
     act = getattr(config, "activation_function", "gelu_new")
-    if act not in SUPPORTED_ACTIVATIONS:
-        problems.append(f"activation_function={act!r} (supported: {sorted(SUPPORTED_ACTIVATIONS)})")
-    if getattr(config, "reorder_and_upcast_attn", False):
-        problems.append("reorder_and_upcast_attn=True")
-    if not getattr(config, "scale_attn_weights", True):
-        problems.append("scale_attn_weights=False")
+    if act not in ACTIVATIONS:
+        problems.append(f"activation_function={act!r} (supported: {', '.join(sorted(ACTIVATIONS))})")
     if config.n_embd % config.n_head:
-        problems.append(f"n_embd={config.n_embd} not divisible by n_head={config.n_head}")
+        problems.append(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+    elif (config.n_embd // config.n_head) % HEAD_DIM_MULTIPLE:
+        problems.append(f"head size n_embd/n_head = {config.n_embd}/{config.n_head} = {config.n_embd // config.n_head}: "
+                        f"ONNX Runtime's GroupQueryAttention, which updates the cache in place, takes head sizes that "
+                        f"are multiples of {HEAD_DIM_MULTIPLE} (8, 16, 24, 32, 64, 128, ...); a model with this head "
+                        "size cannot be exported with an in-place cache")
     if problems:
         raise ValueError("unsupported GPT-2 configuration: " + "; ".join(problems))
 
@@ -88,15 +126,14 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     check_config(config)
     if lm_head not in ("tied", "matmul"):
         raise ValueError(f"lm_head must be 'tied' or 'matmul', got {lm_head!r}")
-    if "lm_head.weight" in state and not np.array_equal(state["lm_head.weight"], state["transformer.wte.weight"]):
-        raise ValueError("lm_head.weight differs from transformer.wte.weight: untied GPT-2 heads are not supported")
+    untied = "lm_head.weight" in state and not np.array_equal(state["lm_head.weight"], state["transformer.wte.weight"])
     np_dtype = np.dtype(dtype)
     et = ONNX_DTYPE[dtype]
     E, N, L = config.n_embd, config.n_head, config.n_layer
     D = E // N
     V = config.vocab_size
     eps = float(config.layer_norm_epsilon)
-    act_op = SUPPORTED_ACTIVATIONS[getattr(config, "activation_function", "gelu_new")]
+    activation = ACTIVATIONS[getattr(config, "activation_function", "gelu_new")]
     names = io_names(L)
 
     def w(key: str) -> np.ndarray:
@@ -138,7 +175,7 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     (tok,) = g.node("Gather", [wte, ids], name="embed/tokens")                   # [T,E]
     (posv,) = g.node("Gather", [wpe, pos], name="embed/positions")               # [T,E]
 
-    q_scale = 1.0 / np.sqrt(D)  # folded into the Q weights so that GQA runs with scale=1.0
+    q_scale = 1.0 / np.sqrt(D) if getattr(config, "scale_attn_weights", True) else 1.0   # folded into Q: GQA scale 1
     x_in, skip, bias = tok, posv, None  # the next SkipLayerNorm's operands: LN(x_in + skip + bias)
     for i in range(L):
         p = f"transformer.h.{i}."
@@ -169,8 +206,7 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
         x, _, _, h = g.node("SkipLayerNormalization", ins, name=f"h{i}/ln_2", n_out=4, domain=MS_DOMAIN, epsilon=eps)
 
         (fc,) = g.node("MatMul", [x, weight(f"h{i}/mlp/w_fc", p + "mlp.c_fc.weight")], name=f"h{i}/mlp/fc")
-        (act,) = g.node(act_op, [fc, weight(f"h{i}/mlp/b_fc", p + "mlp.c_fc.bias")], name=f"h{i}/mlp/act",
-                        domain=MS_DOMAIN)
+        act = activation(g, fc, weight(f"h{i}/mlp/b_fc", p + "mlp.c_fc.bias"), f"h{i}/mlp/act", np_dtype)
         (mlp,) = g.node("MatMul", [act, weight(f"h{i}/mlp/w_proj", p + "mlp.c_proj.weight")], name=f"h{i}/mlp/proj")
         x_in, skip = mlp, h
         bias = weight(f"h{i}/mlp/b_proj", p + "mlp.c_proj.bias")
@@ -182,7 +218,10 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     ins = [x_in, skip, weight("ln_f/gamma", "transformer.ln_f.weight"), weight("ln_f/beta", "transformer.ln_f.bias"), bias]
     (x,) = g.node("SkipLayerNormalization", ins, name="ln_f", domain=MS_DOMAIN, epsilon=eps)
     out = [names["logits"]] if dtype == "float32" else None    # half precision: a Cast to fp32 follows
-    if lm_head == "tied":
+    if untied:                                                  # the head's own weight [V,E], stored once
+        (lg,) = g.node("MatMul", [x, weight("lm_head/w", np.ascontiguousarray(w("lm_head.weight").T))],
+                       name="lm_head", outputs=out)
+    elif lm_head == "tied":
         (lg,) = g.node("FusedMatMul", [x, wte], name="lm_head", domain=MS_DOMAIN, outputs=out,
                        transA=0, transB=1, alpha=1.0)                                               # [R,V]
     else:

@@ -155,6 +155,12 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
             if (tokenizer_dir / name).is_file():
                 shutil.copy2(tokenizer_dir / name, work / name)
                 copied.append(name)
+    # The reference is what HF computes for this config: its eager attention (the default sdpa path
+    # ignores scale_attn_weights=False and scale_attn_by_inverse_layer_idx in transformers 4.57).
+    if hasattr(hf_model, "set_attn_implementation"):
+        hf_model.set_attn_implementation("eager")
+    else:
+        hf_model.config._attn_implementation = "eager"
     what = f"quality budget {QUALITY_BUDGET[weights]}" if weights else "parity"
     with _step(f"{what} against GPT2LMHeadModel (prompt + single-token steps, batch 2)", log):
         try:

@@ -207,7 +207,8 @@ class GrowingCache(KVCache):
             src[2 * i + 1].bind_input(io, m.past_value[i], past)
             dst[2 * i].bind_output(io, m.present_key[i], present)
             dst[2 * i + 1].bind_output(io, m.present_value[i], present)
-        self.mask.bind_input(io, m.attention_mask, [self.rows, length + n])
+        if m.attention_mask:
+            self.mask.bind_input(io, m.attention_mask, [self.rows, length + n])
 
     def commit(self, lengths) -> None:
         front, _ = self._state

@@ -42,7 +42,7 @@ class Manifest:
     layout: str                     # "inplace": past/present share one buffer; "growing": present = past + new
     input_ids: str
     position_ids: str | None
-    attention_mask: str | None      # only the growing layout has one
+    attention_mask: str | None      # growing layout: an all-ones [B, past + n] mask (optional with position_ids)
     logits: str
     past_key: tuple[str, ...]
     past_value: tuple[str, ...]
@@ -172,8 +172,9 @@ class Manifest:
         for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions"):
             if getattr(self, name) < 1:
                 bad.append(f"{name}={getattr(self, name)}")
-        if self.layout == "growing" and not self.attention_mask:
-            bad.append("the growing layout needs an attention_mask input")
+        if self.layout == "growing" and not (self.attention_mask or self.position_ids):
+            bad.append("the growing layout needs an attention_mask or a position_ids input (neither tells the "
+                       "graph where the new tokens are)")
         if bad:
             raise ModelFormatError(f"{self.source}: inconsistent manifest: " + "; ".join(bad))
 
@@ -225,11 +226,20 @@ def load_manifest(model_dir: Path) -> Manifest | None:
 
 
 _OPTIMUM_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_COMBINED_PAST = re.compile(r"^past_(\d+)$")
 
 
 def manifest_from_graph(inputs: dict, outputs: dict, config_path: Path, model_file: str) -> Manifest:
     """Builds a manifest for an Optimum-style GPT-2 export from its declared I/O and config.json."""
     layers = sorted({int(m.group(1)) for n in inputs if (m := _OPTIMUM_PAST.match(n))})
+    combined = [n for n in inputs if _COMBINED_PAST.match(n)]
+    if not layers and combined:
+        shape = inputs[combined[0]].shape
+        raise ModelFormatError(
+            f"the graph has combined KV-cache inputs {combined[:2]}... of shape {shape}: the layout of ONNX "
+            "Runtime's own GPT-2 converter (past_{i} = [2, batch, heads, past, head_dim], K and V stacked), which "
+            "kvcache-infer does not run. Export the checkpoint with `python -m export --model DIR`, or with "
+            "Optimum's text-generation-with-past task (separate past_key_values.{i}.key/value)")
     if not layers:
         kv_like = [n for n in inputs if "past" in n]
         raise ModelFormatError(

@@ -179,9 +179,10 @@ def test_concurrent_requests_sharing_a_prefix_compute_it_once(hf, path, rng):
 
 
 def test_engine_refuses_a_padded_graph_and_names_the_reexport():
+    from .bad_inputs import FORMAT1
     with pytest.raises(ModelFormatError, match=r"python -m export"):
-        Engine("models/pybytes")
-    KVCacheInferencer("models/pybytes", max_seq_len=8).forward([1, 2])   # which still runs there
+        Engine(FORMAT1)
+    KVCacheInferencer(FORMAT1, max_seq_len=8).forward([1, 2])   # which still runs there
 
 
 def test_cache_addresses_fixed_and_memory_flat_over_a_long_run(path):

@@ -61,8 +61,8 @@ def test_parity_failure_fails_the_export_loudly(tmp_path, monkeypatch):
 
 def test_unsupported_config_is_refused(tmp_path):
     hf = make_hf("tiny-a")
-    hf.config.activation_function = "relu"
-    with pytest.raises(ValueError, match="activation_function='relu'"):
+    hf.config.activation_function = "laplace"
+    with pytest.raises(ValueError, match="activation_function='laplace'"):
         export_gpt2(hf, tmp_path / "out", source={}, log=lambda s: None)
 
 
