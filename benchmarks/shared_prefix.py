@@ -44,6 +44,29 @@ def worker(a) -> None:
           "outputs": [r.output for r in reqs], "environment": environment(a.threads)})
 
 
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    summ = {k: v for k, v in record["summary"].items() if "failed" not in v}
+    names = list(summ)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 2.8))
+    for ax, key, label in ((axes[0], "total_s", "total time (s)"), (axes[1], "ttft_p50_s", "time to first token p50 (s)")):
+        med = [summ[n][key]["median"] for n in names]
+        err = [[m - summ[n][key]["min"] for n, m in zip(names, med)], [summ[n][key]["max"] - m for n, m in zip(names, med)]]
+        ax.barh(names, med, xerr=err, color=["tab:blue", "tab:gray"][:len(names)])
+        ax.set_xlabel(label + ", range over rounds")
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    axes[1].set_yticklabels([])
+    w = record["workload"]
+    fig.suptitle(f"{w['requests']} requests = one {w['prefix']}-token prefix + {w['suffix']} own tokens, {w['new_tokens']} new "
+                 f"each, {Path(record['model']).name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/gpt2")
@@ -55,10 +78,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--publish", action="store_true")
+    ap.add_argument("--replot", type=Path, default=None, metavar="JSON", help="rebuild the plot of a result file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return worker(a)
+    if a.replot:
+        return plot(json.loads(a.replot.read_text()), a.replot.with_suffix(".png"))
     args = ["--model", a.model, "--requests", str(a.requests), "--prefix", str(a.prefix), "--suffix", str(a.suffix),
             "--new-tokens", str(a.new_tokens), "--seed", str(a.seed), "--threads", str(a.threads)]
     settings = ("prefix-cache-on", "prefix-cache-off")
@@ -80,6 +106,7 @@ def main() -> None:
               "rounds": {s: [{k: v for k, v in r.items() if k != "outputs"} for r in rs] for s, rs in res.items()}}
     out = out_dir(a.publish) / f"shared_prefix_{Path(a.model).name}.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
+    plot(record, out.with_suffix(".png"))
     for s, v in summary.items():
         if "failed" in v:
             print(f"{s}: not run: {v['failed']}")

@@ -291,6 +291,7 @@ def main(argv=None) -> None:
                     help="write benchmarks/results/ and benchmarks/RESULTS.md (default: benchmarks/out/)")
     ap.add_argument("--check", action="store_true", help="exit 1 when one of the project's targets is missed")
     ap.add_argument("--out-dir", type=Path, default=None, help="where results go (overrides --publish's choice)")
+    ap.add_argument("--exports-only", action="store_true", help="make the missing exports, measure nothing")
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -298,6 +299,10 @@ def main(argv=None) -> None:
         a.batches = [1, *a.batches]
     if a.worker:
         return worker(a)
+    if a.exports_only:
+        for config in a.configs:
+            ensure_exports(config, a.seed, a.models_dir, a.weights)
+        return
     out = a.out_dir or out_dir(a.publish)
     out.mkdir(parents=True, exist_ok=True)
     missed = []

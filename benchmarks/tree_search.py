@@ -244,6 +244,31 @@ def worker(a) -> None:
           "max_depth": max(depths), "mean_depth": float(np.mean(depths)), "environment": environment(a.threads)})
 
 
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    summ = {k: v for k, v in record["summary"].items() if "failed" not in v}
+    names = list(summ)
+    med = [summ[n]["evals_per_s"]["median"] for n in names]
+    err = [[m - summ[n]["evals_per_s"]["min"] for n, m in zip(names, med)],
+           [summ[n]["evals_per_s"]["max"] - m for n, m in zip(names, med)]]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    ax.barh(names, med, xerr=err, color=["tab:blue" if n.startswith("engine") else "tab:gray" for n in names])
+    for y, m in enumerate(med):
+        ax.text(m * 1.1, y, f"{m:.1f}", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("node evaluations per second (log scale; range over rounds)")
+    s = record["search"]
+    ax.set_title(f"MCTS over token continuations, {Path(record['model']).name}: root {s['root']} tokens, "
+                 f"{s['expand']} children x {s['batch_leaves']} expansions per batch", fontsize=10)
+    ax.grid(axis="x", alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/gpt2")
@@ -259,10 +284,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--publish", action="store_true")
+    ap.add_argument("--replot", type=Path, default=None, metavar="JSON", help="rebuild the plot of a result file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return worker(a)
+    if a.replot:
+        return plot(json.loads(a.replot.read_text()), a.replot.with_suffix(".png"))
     args = ["--model", a.model, "--root", str(a.root), "--expand", str(a.expand), "--batch-leaves", str(a.batch_leaves),
             "--depth", str(a.depth), "--evals", str(a.evals), "--evals-slow", str(a.evals_slow), "--seed", str(a.seed),
             "--repeats", str(a.repeats),
@@ -286,6 +314,7 @@ def main() -> None:
               "rounds": res}
     out = out_dir(a.publish) / f"tree_search_{Path(a.model).name}.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
+    plot(record, out.with_suffix(".png"))
     for m, v in summary.items():
         if "failed" in v:
             print(f"{m:12s} not run: {v['failed'][:160]}")

@@ -57,6 +57,11 @@ class KVCache(ABC):
         """Tokens held by row 0 (all rows, for lockstep use)."""
         return int(self.lengths[0])
 
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes of the layout's buffers besides K and V (the growing layout's attention mask)."""
+        return 0
+
     @abstractmethod
     def bind(self, io: ort.IOBinding, rows: int | None = None) -> None: ...
 
@@ -190,6 +195,10 @@ class GrowingCache(KVCache):
     @property
     def offset(self) -> int:
         return self._state[1]
+
+    @property
+    def extra_bytes(self) -> int:
+        return self.mask.nbytes
 
     def _kv_shape(self, length: int) -> list[int]:
         return [self.rows, self.m.num_kv_heads, length, self.m.head_dim]

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from .bench import time_decode_steps
-from .errors import KVCacheError
+from .errors import CapacityError, KVCacheError
 
-DEFAULT_MODEL = os.environ.get("KVCACHE_INFER_MODEL", "models/pybytes")
+DEFAULT_MODEL = os.environ.get("KVCACHE_INFER_MODEL", "pybytes")   # installed with the package
 
 
 def _ints(text: str) -> list[int]:
@@ -39,8 +39,14 @@ def _inferencer(a, max_seq_len=None):
 def cmd_generate(a) -> int:
     inf = _inferencer(a)
     prompt = a.prompt if a.ids is None else a.ids
-    pieces = inf.stream(prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                        seed=a.seed, stop_ids=a.stop_ids or ())      # validated here, before any output
+    try:
+        pieces = inf.stream(prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                            seed=a.seed, stop_ids=a.stop_ids or ())  # validated here, before any output
+    except CapacityError:
+        n = len(inf.model.tokenizer.encode(prompt).ids) if isinstance(prompt, str) else len(prompt)
+        raise KVCacheError(f"the prompt ({n} tokens) and --max-new-tokens {a.max_new_tokens} need {n + a.max_new_tokens - 1} "
+                           f"positions, but {a.model} takes at most {inf.capacity}; lower --max-new-tokens to at most "
+                           f"{max(inf.capacity - n + 1, 0)} or shorten the prompt") from None
     if a.ids is None:
         print(a.prompt, end="", flush=True)                          # text: the continuation follows it
     t0 = time.perf_counter()
@@ -62,7 +68,8 @@ def cmd_bench(a) -> int:
     V, cap = inf.manifest.vocab_size, inf.capacity
     positions = [p for p in a.positions if p + a.steps <= cap and p >= a.warmup]
     if not positions:
-        raise KVCacheError(f"no position in {a.positions} fits {a.steps} steps within the capacity {cap}")
+        raise KVCacheError(f"no --positions value in {a.positions} leaves room for --steps {a.steps} within the model's "
+                           f"{cap} positions (and each must be >= --warmup {a.warmup})")
     ids = np.random.default_rng(0).integers(0, V, size=cap)
     first = []
     for _ in range(a.repeats):
@@ -153,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="prompt text (the model folder must have a tokenizer.json)")
     src.add_argument("--ids", type=_ints, help="prompt token ids, e.g. '1,2,3'")
     g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    g.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature (default 0.8); 0 = greedy (small models fall into loops greedily)")
+    g.add_argument("--top-k", type=int, default=40, help="sample only among the k most likely tokens (default 40)")
     g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with probability >= p")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling (repeatable output)")
     g.add_argument("--stop-ids", type=_ints, default=None, help="stop after any of these token ids, e.g. '0,10'")
@@ -192,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
+    except BrokenPipeError:                     # `kvcache-infer info | head -1`: the reader is gone, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # no second error when Python flushes stdout at exit
+        return 0
     except (KVCacheError, OSError) as e:
         print(f"kvcache-infer: error: {e}", file=sys.stderr)
         return 2

@@ -60,6 +60,9 @@ class StepOutput:
     def __contains__(self, seq: Sequence) -> bool:
         return seq in self._rows
 
+    def __iter__(self):
+        return iter(self._rows)
+
     def logits(self, seq: Sequence) -> np.ndarray:
         """float32 [V] for a Sequence (its last new token), [n, V] for a TreeSequence (each new node)."""
         rows = self._logits[self._rows[seq]]
@@ -174,11 +177,11 @@ class Engine:
         until the slot is needed); otherwise, and for trees, the slot is free at once."""
         with self.lock:
             self._check_live(seq)
-            slot = seq._slot
+            slot = seq.state.slot
             del self._live[slot]
-            seq._released = True
+            seq.state.released = True
             if self.prefix_cache and not isinstance(seq, TreeSequence) and seq.position > 0:
-                self.index.set(slot, seq._tokens)
+                self.index.set(slot, seq.state.tokens)
                 self._retained[slot] = None
             else:
                 self.index.remove(slot)
@@ -200,15 +203,15 @@ class Engine:
             new = kind(next(self._ids), slot)
             self._claim(slot)
             if node is None:
-                self.cache.copy(seq._slot, [slot], seq.position)
-                new._tokens = list(seq._tokens)
+                self.cache.copy(seq.state.slot, [slot], seq.position)
+                new.state.tokens = list(seq.state.tokens)
                 if kind is TreeSequence:
-                    new._parents, new._depths = list(seq._parents), list(seq._depths)
+                    new.state.parents, new.state.depths = list(seq.state.parents), list(seq.state.depths)
             else:
                 path = seq.path(int(node))
-                self.cache.copy_rows(seq._slot, slot, len(path), src_rows=path)
+                self.cache.copy_rows(seq.state.slot, slot, len(path), src_rows=path)
                 self.cache.truncate(len(path), [slot])
-                new._tokens = [seq._tokens[i] for i in path]
+                new.state.tokens = [seq.state.tokens[i] for i in path]
             self._live[slot] = new
             self.stats["forks"] += 1
             return new
@@ -221,12 +224,12 @@ class Engine:
                 raise InvalidInputError(f"truncate(seq, length) needs an int in [0, position={seq.position}], "
                                         f"got {length!r}")
             length = int(length)
-            self.cache.truncate(length, [seq._slot])
-            del seq._tokens[length:]
+            self.cache.truncate(length, [seq.state.slot])
+            del seq.state.tokens[length:]
             if isinstance(seq, TreeSequence):
-                del seq._parents[length:], seq._depths[length:]
-            elif seq._slot in self.index.entries:
-                self.index.set(seq._slot, seq._tokens[:min(length, self.index.entries[seq._slot].size)])
+                del seq.state.parents[length:], seq.state.depths[length:]
+            elif seq.state.slot in self.index.entries:
+                self.index.set(seq.state.slot, seq.state.tokens[:min(length, self.index.entries[seq.state.slot].size)])
 
     @property
     def live(self) -> list[Sequence]:
@@ -242,27 +245,30 @@ class Engine:
                 return 0
             return self.index.match(toks[:-1])[1]
 
-    def _plan_adoption(self, seq: Sequence, ids: np.ndarray, keep_last: bool = True):
+    def _plan_adoption(self, seq: Sequence, ids: np.ndarray, keep_last: bool = True, taken: set | None = None):
         """(row the run writes, tokens adopted, source slot, take over?) for a sequence at position 0;
         keep_last leaves the last token to run (its logits are wanted). Copies the adopted rows into
-        seq's own slot when not taking over: rows past its length 0, invisible until committed."""
+        seq's own slot when not taking over: rows past its length 0, invisible until committed. A
+        retained slot in `taken` (taken over by another sequence of the same step) is copied from."""
         if not self.prefix_cache or seq.position or isinstance(seq, TreeSequence) or ids.size < 1 + keep_last:
-            return seq._slot, 0, None, False
+            return seq.state.slot, 0, None, False
         src, n = self.index.match(ids[:-1] if keep_last else ids)
         if src is None or n == 0:
-            return seq._slot, 0, None, False
-        takeover = src in self._retained and self.index.entries[src].size == n
+            return seq.state.slot, 0, None, False
+        takeover = src in self._retained and self.index.entries[src].size == n and src not in (taken or ())
+        if takeover and taken is not None:
+            taken.add(src)
         if not takeover:
-            self.cache.copy_rows(src, seq._slot, n)
-        return (src if takeover else seq._slot), n, src, takeover
+            self.cache.copy_rows(src, seq.state.slot, n)
+        return (src if takeover else seq.state.slot), n, src, takeover
 
     def _commit_adoption(self, seq: Sequence, row: int, n: int, src: int, takeover: bool) -> None:
         if takeover:                                 # seq moves into the retained slot; its own is free
             del self._retained[src]
             self.index.remove(src)
-            del self._live[seq._slot]
-            self.cache.truncate(0, [seq._slot])
-            seq._slot = row
+            del self._live[seq.state.slot]
+            self.cache.truncate(0, [seq.state.slot])
+            seq.state.slot = row
             self._live[row] = seq
         self.stats["prefix_hits"] += 1
         self.stats["prefix_tokens_reused"] += n
@@ -281,8 +287,8 @@ class Engine:
             if n:
                 self.cache.truncate(n, [row])
                 self._commit_adoption(seq, row, n, src, takeover)
-                seq._tokens = [int(t) for t in ids[:n]]
-                self.index.set(seq._slot, seq._tokens)
+                seq.state.tokens = [int(t) for t in ids[:n]]
+                self.index.set(seq.state.slot, seq.state.tokens)
             return n
 
     # -- steps -----------------------------------------------------------------------------------
@@ -292,13 +298,14 @@ class Engine:
         sequence of ints, or Nodes for a TreeSequence. Returns {handle: float32 [V] logits of its last
         new token} ([n, V], one row per new node, for a TreeSequence): fresh arrays the caller owns."""
         out = self.advance(feeds)
-        return {seq: np.array(out.logits(seq)) for seq in out._rows}
+        return {seq: np.array(out.logits(seq)) for seq in out}
 
     def advance(self, feeds) -> StepOutput:
         """step() without the copies: a StepOutput of views (logits rows, greedy next tokens)."""
         with self.lock:
             items = self._check_feeds(feeds)
-            plans = [self._plan_adoption(seq, ids) if parents is None else (seq._slot, 0, None, False)
+            taken: set[int] = set()
+            plans = [self._plan_adoption(seq, ids, True, taken) if parents is None else (seq.state.slot, 0, None, False)
                      for seq, ids, parents in items]
             pieces = max(-(-(len(ids) - plan[1]) // self.max_chunk) for (_, ids, _), plan in zip(items, plans))
             kept: dict[Sequence, list] = {}      # multi-run steps: the rows each sequence keeps, copied
@@ -338,21 +345,9 @@ class Engine:
         and its ancestor mask)."""
         if not isinstance(seq, TreeSequence):
             return Chunk(row, ids[lo:hi], seq.position + lo)
-        start = seq.position + lo
-        depths = self._depths(seq, parents, hi)[lo:hi]
-        anc = self._tree_ancestors(seq, parents, lo, hi)
-        return Chunk(row, ids[lo:hi], start, positions=depths, all_logits=True, ancestors=anc)
-
-    def _depths(self, seq: TreeSequence, parents, upto: int) -> np.ndarray:
-        d = list(seq._depths)
-        for p in parents[:upto]:
-            d.append(0 if p < 0 else d[p] + 1)
-        return np.asarray(d[seq.position:], dtype=np.int64)
-
-    def _tree_ancestors(self, seq: TreeSequence, parents, lo: int, hi: int) -> np.ndarray:
-        start = seq.position
-        full = seq.ancestors(list(parents[:hi]), start)          # [hi, start + hi]
-        return full[lo:hi]
+        depths = seq.new_depths(parents[:hi])[lo:hi]
+        anc = seq.ancestors(list(parents[:hi]), seq.position)[lo:hi]       # [hi - lo, position + hi]
+        return Chunk(row, ids[lo:hi], seq.position + lo, positions=depths, all_logits=True, ancestors=anc)
 
     def _commit(self, items, plans) -> None:
         """After every run succeeded: adoption, lengths, tokens, index; no step can fail from here."""
@@ -361,23 +356,23 @@ class Engine:
                 self._commit_adoption(seq, *plan)
         lengths = self.cache.lengths.copy()
         for seq, ids, parents in items:
-            lengths[seq._slot] = seq.position + len(ids)
-            seq._tokens.extend(int(t) for t in ids)
+            lengths[seq.state.slot] = seq.position + len(ids)
+            seq.state.tokens.extend(int(t) for t in ids)
             if parents is not None:
                 for p in parents:
-                    seq._parents.append(int(p))
-                    seq._depths.append(0 if p < 0 else seq._depths[p] + 1)
+                    seq.state.parents.append(int(p))
+                    seq.state.depths.append(0 if p < 0 else seq.state.depths[p] + 1)
             elif self.prefix_cache and len(ids) > 1:     # prompts are indexed as they are fed, decode
-                self.index.set(seq._slot, seq._tokens)   # tokens at release (no per-token index work)
+                self.index.set(seq.state.slot, seq.state.tokens)   # tokens at release (no per-token index work)
         self.cache.commit(lengths)
 
     # -- validation ------------------------------------------------------------------------------
     def _check_live(self, seq) -> None:
         if not isinstance(seq, Sequence):
             raise InvalidInputError(f"expected a Sequence handle from this Engine, got {type(seq).__name__}")
-        if seq._released:
+        if seq.state.released:
             raise InvalidInputError(f"{seq!r} was released; its handle can no longer be used")
-        if self._live.get(seq._slot) is not seq:
+        if self._live.get(seq.state.slot) is not seq:
             raise InvalidInputError(f"{seq!r} does not belong to this Engine")
 
     def check_ids(self, ids, what: str = "ids", seq: Sequence | None = None) -> np.ndarray:
@@ -422,8 +417,8 @@ class Engine:
             if isinstance(seq, TreeSequence):
                 nodes = ids if isinstance(ids, Nodes) else Nodes(ids)
                 toks = self.check_ids(nodes.tokens, "the nodes' tokens", seq)
-                parents = self._check_parents(seq, nodes.parents, toks.size)
-                depth = self._depths(seq, parents, len(parents))
+                parents = seq.check_parents(nodes.parents, toks.size)
+                depth = seq.new_depths(parents)
                 if depth.size and int(depth.max()) >= self.manifest.max_positions:
                     raise CapacityError(f"a node of depth {int(depth.max())} is past the model's position limit "
                                         f"({self.manifest.max_positions})")
@@ -440,23 +435,6 @@ class Engine:
                     f"max_seq_len (model limit {self.manifest.max_positions})")
             items.append((seq, ids, parents))
         return items
-
-    def _check_parents(self, seq: TreeSequence, parents, n: int) -> np.ndarray:
-        start = seq.position
-        if parents is None:
-            return np.arange(start - 1, start + n - 1, dtype=np.int64)
-        try:
-            p = np.asarray(parents)
-        except (ValueError, TypeError):
-            raise InvalidInputError(f"parents must be a 1-D sequence of node indices, got {parents!r}") from None
-        if p.shape != (n,) or p.dtype.kind not in "iu":
-            raise InvalidInputError(f"parents must be {n} ints (one per new node), got {parents!r}")
-        bad = [(i, int(x)) for i, x in enumerate(p) if not -1 <= x < start + i]
-        if bad:
-            i, x = bad[0]
-            raise InvalidInputError(f"parents[{i}] = {x}: a parent must be -1 (a root) or an earlier node "
-                                    f"(0 .. {start + i - 1})")
-        return p.astype(np.int64)
 
     # -- continuous batching (batching.Scheduler) --------------------------------------------------
     def submit(self, prompt, max_new_tokens: int = 64, **sampling):

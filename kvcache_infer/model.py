@@ -13,11 +13,21 @@ from .errors import DeviceError, InvalidInputError, ModelFormatError, ModelNotFo
 from .manifest import Manifest, load_manifest, manifest_from_graph
 
 DEVICES = ("cpu", "cuda")
+BUILTIN = Path(__file__).parent / "models"          # models installed with the package, loadable by name
+BUILTIN_NAMES = ("pybytes",)                         # the default model: a byte-level GPT-2, text in and out
+
+
+def builtin_model(name: str) -> Path:
+    """The folder of a model installed with the package ("pybytes")."""
+    return BUILTIN / name
 
 
 def _resolve(path: str | Path) -> tuple[Path, Path]:
-    """(model directory, model file) for a directory holding model.onnx or a path to an .onnx file."""
+    """(model directory, model file) for a directory holding model.onnx, a path to an .onnx file, or
+    the name of a model installed with the package (when no such path exists)."""
     p = Path(path)
+    if not p.exists() and str(path) in BUILTIN_NAMES:
+        p = builtin_model(str(path))
     if p.is_dir():
         manifest = load_manifest(p)
         name = manifest.model_file if manifest else "model.onnx"
@@ -30,7 +40,8 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
         return p, f
     if p.is_file():
         return p.parent, p
-    raise ModelNotFoundError(f"model path {p} does not exist; export one with `python -m export --out {p}`")
+    raise ModelNotFoundError(f"model path {p} does not exist (and is not the name of an installed model: "
+                             f"{', '.join(BUILTIN_NAMES)}); export one with `python -m export --config gpt2 --out {p}`")
 
 
 def _release_freed_heap() -> None:
@@ -47,7 +58,8 @@ class Model:
     """An ONNX Runtime session plus the manifest that describes its KV-cache I/O.
 
     Args:
-        path: a directory with model.onnx (and manifest.json, or Optimum's config.json), or an .onnx file.
+        path: a directory with model.onnx (and manifest.json, or Optimum's config.json), an .onnx file, or
+            the name of a model installed with the package ("pybytes", the default model).
         device: "cpu" or "cuda". CUDA must really load: a silent fallback to the CPU raises DeviceError.
         device_id: the CUDA device ordinal.
         intra_op_threads: ORT intra-op threads (None: ORT's default, one per physical core).

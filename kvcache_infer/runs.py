@@ -83,8 +83,7 @@ class PaddedRun(BoundRun):
 
     @property
     def io_bytes(self) -> int:
-        extra = self.cache.mask.nbytes if self.cache.layout == "growing" else 0
-        return self._ids.nbytes + self._pos_ids.nbytes + self._logits.nbytes + extra
+        return self._ids.nbytes + self._pos_ids.nbytes + self._logits.nbytes + self.cache.extra_bytes
 
     def lockstep(self, ids: np.ndarray, greedy: bool, all_positions: bool = False) -> np.ndarray:
         n = ids.shape[1]

@@ -6,38 +6,52 @@ from typing import NamedTuple, Sequence as Seq
 
 import numpy as np
 
+from .errors import InvalidInputError
+
+
+class SequenceState:
+    """The Engine's record of one sequence; only the Engine changes it (each change after the runs that
+    make it true succeeded). tokens: whose K/V slot rows 0..n-1 hold; parents/depths: tree nodes only."""
+
+    __slots__ = ("slot", "tokens", "released", "parents", "depths")
+
+    def __init__(self, slot: int):
+        self.slot, self.tokens, self.released = slot, [], False
+        self.parents: list[int] = []
+        self.depths: list[int] = []
+
 
 class Sequence:
-    """One sequence of an Engine: its cache slot and the tokens whose K/V the slot holds.
+    """A handle to one sequence of an Engine: its cache slot and the tokens whose K/V the slot holds.
 
     position: tokens held (the next step writes from there); tokens: those tokens, in order.
     A handle stays valid until Engine.release(); after that every engine call given it raises."""
 
-    __slots__ = ("id", "_slot", "_tokens", "_released", "__weakref__")
+    __slots__ = ("id", "state", "__weakref__")
 
     def __init__(self, seq_id: int, slot: int):
-        self.id, self._slot, self._tokens, self._released = seq_id, slot, [], False
+        self.id, self.state = seq_id, SequenceState(slot)
 
     @property
     def position(self) -> int:
-        return len(self._tokens)
+        return len(self.state.tokens)
 
     @property
     def tokens(self) -> tuple[int, ...]:
-        return tuple(self._tokens)
+        return tuple(self.state.tokens)
 
     @property
     def slot(self) -> int:
         """The cache slot (row of every layer's K/V buffer) this sequence owns."""
-        return self._slot
+        return self.state.slot
 
     @property
     def alive(self) -> bool:
-        return not self._released
+        return not self.state.released
 
     def __repr__(self) -> str:
-        state = "released" if self._released else f"slot {self._slot}"
-        return f"{type(self).__name__}(id={self.id}, position={self.position}, {state})"
+        where = "released" if self.state.released else f"slot {self.state.slot}"
+        return f"{type(self).__name__}(id={self.id}, position={self.position}, {where})"
 
 
 class Nodes(NamedTuple):
@@ -55,29 +69,50 @@ class TreeSequence(Sequence):
     copied when the tree branches, which is what a tree search (expand a node, evaluate its children)
     needs. position: nodes held; tokens: every node's token in insertion order."""
 
-    __slots__ = ("_parents", "_depths")
-
-    def __init__(self, seq_id: int, slot: int):
-        super().__init__(seq_id, slot)
-        self._parents: list[int] = []
-        self._depths: list[int] = []
+    __slots__ = ()
 
     def parent(self, node: int) -> int:
-        return self._parents[node]
+        return self.state.parents[node]
 
     def depth(self, node: int) -> int:
-        return self._depths[node]
+        return self.state.depths[node]
 
     def path(self, node: int) -> list[int]:
         """Nodes from a root down to `node` (inclusive)."""
         out = []
         while node >= 0:
             out.append(node)
-            node = self._parents[node]
+            node = self.state.parents[node]
         return out[::-1]
 
     def path_tokens(self, node: int) -> list[int]:
-        return [self._tokens[i] for i in self.path(node)]
+        return [self.state.tokens[i] for i in self.path(node)]
+
+    def check_parents(self, parents, n: int) -> np.ndarray:
+        """The parents of n new nodes as int64 (None: a chain from the last node); InvalidInputError unless
+        each is -1 or an earlier node (one of this call's earlier nodes included)."""
+        start = self.position
+        if parents is None:
+            return np.arange(start - 1, start + n - 1, dtype=np.int64)
+        try:
+            p = np.asarray(parents)
+        except (ValueError, TypeError):
+            raise InvalidInputError(f"parents must be a 1-D sequence of node indices, got {parents!r}") from None
+        if p.shape != (n,) or p.dtype.kind not in "iu":
+            raise InvalidInputError(f"parents must be {n} ints (one per new node), got {parents!r}")
+        bad = [(i, int(x)) for i, x in enumerate(p) if not -1 <= x < start + i]
+        if bad:
+            i, x = bad[0]
+            raise InvalidInputError(f"parents[{i}] = {x}: a parent must be -1 (a root) or an earlier node "
+                                    f"(0 .. {start + i - 1})")
+        return p.astype(np.int64)
+
+    def new_depths(self, parents: Seq[int]) -> np.ndarray:
+        """[n] int64: the depths (positions) of new nodes with these parents."""
+        d = list(self.state.depths)
+        for p in parents:
+            d.append(0 if p < 0 else d[p] + 1)
+        return np.asarray(d[self.position:], dtype=np.int64)
 
     def ancestors(self, parents: Seq[int], start: int) -> np.ndarray:
         """[n, start + n] bool: which nodes each of n new nodes (with these parents, placed at rows

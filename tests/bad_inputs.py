@@ -94,7 +94,7 @@ class Env:
                 for s, n in enumerate(lengths)]
         seqs = [(s.id, s.slot, s.tokens) for s in e.live]
         index = {r: t.tolist() for r, t in e.index.entries.items()}
-        return lengths.tolist(), rows, seqs, index, dict(e.stats), (self.tree.tokens, tuple(self.tree._parents))
+        return lengths.tolist(), rows, seqs, index, dict(e.stats), (self.tree.tokens, tuple(self.tree.state.parents))
 
     def engine_fill(self):
         """An engine whose slots all hold live sequences: one more new_sequence() or fork() cannot fit."""

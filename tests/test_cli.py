@@ -29,7 +29,7 @@ def test_every_subcommand_has_help_for_every_option(capsys):
 
 def test_generate_ids_streams_and_reports_latency(exported, capsys):
     code, out, err = run(["generate", "--model", str(exported["tiny-a"]), "--ids", "1,2,3",
-                          "--max-new-tokens", "12", "--threads", "1"], capsys)
+                          "--max-new-tokens", "12", "--threads", "1", "--temperature", "0"], capsys)
     assert code == 0 and len(out.split()) == 12
     assert "12 new tokens" in err and "first token" in err and "cached token p50" in err
     from kvcache_infer import KVCacheInferencer
@@ -52,11 +52,12 @@ def test_bench_profile_info(exported, capsys, tmp_path):
 @pytest.mark.parametrize("argv,msg", [
     (["generate", "--model", "/no/such/model", "--ids", "1"], "does not exist"),
     (["generate", "--model", "MODEL", "--prompt", "hello"], "tokenizer.json"),
-    (["generate", "--model", "MODEL", "--ids", "1", "--max-new-tokens", "500"], "capacity is 128"),
+    (["generate", "--model", "MODEL", "--ids", "1", "--max-new-tokens", "500"],
+     "lower --max-new-tokens to at most 128"),
     (["generate", "--model", "MODEL", "--ids", "5000"], "outside the vocabulary"),
     (["generate", "--model", "MODEL", "--ids", "1", "--top-p", "2"], "top_p"),
     (["profile", "--model", "MODEL", "--max-seq-len", "4096"], "outside [1, 128]"),
-    (["bench", "--model", "MODEL", "--positions", "5000"], "no position"),
+    (["bench", "--model", "MODEL", "--positions", "5000"], "no --positions value"),
 ])
 def test_errors_are_one_line_without_traceback(argv, msg, exported, capsys):
     argv = [str(exported["tiny-a"]) if a == "MODEL" else a for a in argv]
@@ -70,3 +71,24 @@ def test_bad_option_values_are_argparse_errors(capsys):
             main(argv)
         assert e.value.code == 2
     assert "expected integers" in capsys.readouterr().err
+
+
+def test_generate_samples_by_default_and_repeats_with_a_seed(exported, capsys):
+    from kvcache_infer import KVCacheInferencer
+    argv = ["generate", "--model", str(exported["tiny-a"]), "--ids", "1,2,3", "--max-new-tokens", "12", "--seed", "4"]
+    code, out, _ = run(argv, capsys)
+    want = KVCacheInferencer(exported["tiny-a"]).generate([1, 2, 3], 12, temperature=0.8, top_k=40, seed=4)
+    assert code == 0 and [int(x) for x in out.split()] == want
+
+
+def test_default_model_from_another_directory_and_a_closed_pipe(tmp_path):
+    import subprocess
+    import sys
+    exe = [sys.executable, "-m", "kvcache_infer.cli"]
+    r = subprocess.run([*exe, "generate", "--prompt", "def ", "--max-new-tokens", "20", "--seed", "1"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def ") and len(r.stdout) > len("def ")
+    cmd = " ".join(exe) + " info --model pybytes | head -1"
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("model")

@@ -1,4 +1,4 @@
-"""The committed default model (models/pybytes): golden greedy ids, and recompute for 200 tokens."""
+"""The committed default model ("pybytes", installed with the package): golden ids, recompute for 200 tokens."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 
 from kvcache_infer import KVCacheInferencer, Model
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "pybytes"
+MODEL = Path(__file__).resolve().parents[1] / "kvcache_infer" / "models" / "pybytes"
 PROMPT = "    def __repr__(self):\n        return "
 GOLDEN = [  # 200 greedy ids for PROMPT from the committed model
     115, 101, 108, 102, 46, 95, 95, 99, 111, 110, 116, 101, 120, 116, 40, 115, 101, 108, 102, 46,
