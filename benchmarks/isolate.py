@@ -30,7 +30,9 @@ def out_dir(publish: bool) -> Path:
 
 
 def emit(result: dict) -> None:
-    """A worker's one result line."""
+    """A worker's one result line, with the peak resident memory of its process."""
+    import resource
+    result = {**result, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -46,18 +46,27 @@ ALL = ("kvcache-infer", *PEERS, "no-cache")
 NOISY = 0.15      # bandwidth probes of one process further apart than this: the run is flagged
 
 
+def _quietly(cmd: list[str], what: str) -> None:
+    """Runs a command; its output (Optimum's tracer warnings, per-step logs) is shown only if it fails."""
+    print(what, flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {p.returncode}):\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+    done = [ln for ln in p.stdout.splitlines() if ln.startswith(("  parity", "  quantized", "wrote"))]
+    for ln in done[:3]:
+        print("  " + ln.strip(), flush=True)
+
+
 def ensure_exports(config: str, seed: int, root: Path, weights=()) -> tuple[Path, Path]:
     """Our export at root/CONFIG (and root/CONFIG-int8 ... per `weights`), Optimum's at root/CONFIG-optimum."""
     ours, optimum = root / config, root / f"{config}-optimum"
     for out, w in [(ours, None), *[(root / f"{config}-{w}", w) for w in weights]]:
         if not (out / "manifest.json").is_file():
-            print(f"exporting {config} (seed {seed}{', ' + w if w else ''}) to {out}", flush=True)
-            subprocess.run([sys.executable, "-m", "export", "--config", config, "--seed", str(seed), "--out", str(out),
-                            *(["--weights", w] if w else [])], check=True, stdout=subprocess.DEVNULL)
+            _quietly([sys.executable, "-m", "export", "--config", config, "--seed", str(seed), "--out", str(out),
+                      *(["--weights", w] if w else [])], f"exporting {config} (seed {seed}{', ' + w if w else ''}) to {out}")
     if not (optimum / "model.onnx").is_file():
-        print(f"exporting {config} (seed {seed}) through Optimum to {optimum}", flush=True)
-        subprocess.run([sys.executable, "-m", "benchmarks.optimum_export", "--config", config, "--seed", str(seed),
-                        "--out", str(optimum)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _quietly([sys.executable, "-m", "benchmarks.optimum_export", "--config", config, "--seed", str(seed),
+                  "--out", str(optimum)], f"exporting {config} (seed {seed}) through Optimum to {optimum}")
     for path in [ours, *[root / f"{config}-{w}" for w in weights]]:
         m = json.loads((path / "manifest.json").read_text())
         src = m["source"]

@@ -127,7 +127,8 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
                  "quantized_ops": ["MatMul (lm_head included) -> MatMulNBits", "Gather -> GatherBlockQuantized"]}
         with _step(f"quantizing weights to {weights} (block {block_size}, "
                    f"{'symmetric' if symmetric else 'asymmetric'}, accuracy_level 4)", log):
-            model = quantize_weights(model, weights, block_size=block_size, symmetric=symmetric)
+            model, summary = quantize_weights(model, weights, block_size=block_size, symmetric=symmetric)
+        log(f"  quantized: {summary}")
     with _step("checking the graph (onnx.checker)", log):
         onnx.checker.check_model(model)
     path = work / "model.onnx"

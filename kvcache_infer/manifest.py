@@ -162,6 +162,8 @@ class Manifest:
             missing = [n for n in PACKED_INPUTS if not getattr(self, n)]
             if missing:
                 bad.append(f"a packed graph needs the inputs {', '.join(missing)}")
+            if not self.next_token:
+                bad.append("a packed graph needs the next_token output (ArgMax of each logits row)")
             if self.layout != "inplace":
                 bad.append("a packed graph needs the inplace cache layout")
             if not self.position_ids:
