@@ -82,10 +82,11 @@ def main() -> None:
            "seconds": time.perf_counter() - t0}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2) + "\n")
+    divs = ", ".join(str(d) if d < per else f"never (all {per} equal)" for d in first_div)
     print(f"{res['test_weights']} vs {res['ref_weights']} over {res['steps']} greedy steps ({a.prompts} prompts): top-1 "
           f"agreement {100 * res['teacher_forced_top1_agreement']:.1f}% (teacher-forced), max |logit diff| "
           f"{res['max_abs_logit_diff']:.2e} ({100 * res['max_diff_over_logit_range']:.2f}% of the logit range); "
-          f"free-running greedy first diverges at steps {first_div}; cache bytes/token "
+          f"free-running greedy decodes of the two first differ at step: {divs} (per prompt); cache bytes/token "
           f"{res['cache_bytes_per_token']['ref']} -> {res['cache_bytes_per_token']['test']}")
     print(f"wrote {a.out}")
 

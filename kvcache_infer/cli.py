@@ -1,4 +1,4 @@
-"""kvcache-infer: generate, bench, profile, info. Errors are one line on stderr, exit status 2."""
+"""kvcache-infer: generate, serve, bench, profile, info. Errors are one line on stderr, exit status 2."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ from .bench import time_decode_steps
 from .errors import CapacityError, KVCacheError
 
 DEFAULT_MODEL = os.environ.get("KVCACHE_INFER_MODEL", "pybytes")   # installed with the package
+API_KEY_ENV = "KVCACHE_INFER_API_KEY"
 
 
 def _ints(text: str) -> list[int]:
@@ -60,6 +61,43 @@ def cmd_generate(a) -> int:
     print(f"[{n} new tokens in {wall:.2f} s | first token {m.first_token_ms:.2f} ms | cached token "
           f"p50 {m.cached_token_p50_ms or 0:.3f} ms, p90 {m.cached_token_p90_ms or 0:.3f} ms | "
           f"{inf.device}, {inf.manifest.dtype}]", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(a) -> int:
+    try:
+        import prometheus_client  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise KVCacheError(f"`kvcache-infer serve` needs the serve extra ({e.name} is missing): "
+                           "pip install 'kvcache-infer[serve]'") from None
+    from .engine import Engine
+    from .server import ServeLimits, serve
+    for opt, v, low in (("--port", a.port, 0), ("--max-sequences", a.max_sequences, 1), ("--max-queue", a.max_queue, 0),
+                        ("--max-body-bytes", a.max_body_bytes, 1), ("--max-chunk", a.max_chunk, 1)):
+        if v < low:
+            raise KVCacheError(f"{opt} must be >= {low}, got {v}")
+    if a.request_timeout <= 0:
+        raise KVCacheError(f"--request-timeout must be > 0 seconds, got {a.request_timeout}")
+    try:
+        eng = Engine(a.model, max_sequences=a.max_sequences, max_seq_len=a.max_seq_len, max_chunk=a.max_chunk,
+                     prefix_cache=not a.no_prefix_cache, device=a.device, intra_op_threads=a.threads)
+    except KVCacheError as e:
+        msg = str(e).replace("max_seq_len=", "--max-seq-len ").replace("max_sequences", "--max-sequences")
+        raise KVCacheError(msg) from None
+    if a.max_prompt_tokens is not None and not 1 <= a.max_prompt_tokens < eng.max_seq_len:
+        raise KVCacheError(f"--max-prompt-tokens must be in [1, {eng.max_seq_len - 1}] (--max-seq-len "
+                           f"{eng.max_seq_len} minus one generated token), got {a.max_prompt_tokens}")
+    limits = ServeLimits(max_queue=a.max_queue, max_body_bytes=a.max_body_bytes, max_prompt_tokens=a.max_prompt_tokens,
+                         request_timeout_s=a.request_timeout, api_key=a.api_key or os.environ.get(API_KEY_ENV) or None)
+    where = "" if a.host in ("127.0.0.1", "localhost", "::1") else " (reachable from other machines)"
+    print(f"kvcache-infer serve: {a.served_model_name or eng.model.dir.name} ({eng.model.dir}), "
+          f"{eng.max_sequences} sequences x {eng.max_seq_len} tokens, {eng.model.device}; "
+          f"http://{a.host}:{a.port}/v1{where}; API key {'required' if limits.api_key else 'not required'}",
+          file=sys.stderr, flush=True)
+    serve(eng, host=a.host, port=a.port, model_name=a.served_model_name, limits=limits,
+          shutdown_timeout_s=a.shutdown_timeout, log_level=a.log_level)
     return 0
 
 
@@ -167,6 +205,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling (repeatable output)")
     g.add_argument("--stop-ids", type=_ints, default=None, help="stop after any of these token ids, e.g. '0,10'")
     g.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions) over the Engine",
+                       description="Serve POST /v1/completions (text or token ids, streamed or not), GET /v1/models, "
+                                   "/health and /metrics (Prometheus) from one Engine with continuous batching and "
+                                   "prefix reuse. Needs the serve extra: pip install 'kvcache-infer[serve]'.")
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--max-sequences", type=int, default=16, help="sequences decoded at once (default 16)")
+    s.add_argument("--max-seq-len", type=int, default=None, help="tokens per sequence (default: the model's limit)")
+    s.add_argument("--max-chunk", type=int, default=64, help="prompt tokens one sequence feeds per step (default 64)")
+    s.add_argument("--no-prefix-cache", action="store_true", help="do not keep finished sequences for prefix reuse")
+    s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: its folder name)")
+    s.add_argument("--api-key", default=None,
+                   help=f"require `Authorization: Bearer KEY` on every route but /health (or set ${{{API_KEY_ENV}}})")
+    s.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot; past it: 429 (default 256)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
+    s.add_argument("--max-prompt-tokens", type=int, default=None, help="prompt limit (default: --max-seq-len - 1)")
+    s.add_argument("--request-timeout", type=float, default=600.0, help="seconds from arrival to the last token (default 600)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds in-flight requests may finish before they are cancelled (default 30)")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default warning)")
+    s.set_defaults(fn=cmd_serve)
 
     b = sub.add_parser("bench", help="first-token and cached-token latency of one model",
                        description="Time the first token of a prompt and one-token steps at several positions "

@@ -129,7 +129,7 @@ class Engine:
         self._retained: OrderedDict[int, None] = OrderedDict()   # retained slots, least recently used first
         self._ids = itertools.count()
         self.lock = threading.RLock()             # held by every engine call (and by a whole scheduler tick)
-        self.stats = {"prefix_hits": 0, "prefix_tokens_reused": 0, "evictions": 0, "forks": 0, "runs": 0}
+        self.stats = {"sequences": 0, "prefix_hits": 0, "prefix_tokens_reused": 0, "evictions": 0, "forks": 0, "runs": 0}
         self.scheduler = Scheduler(self, prefill_budget=prefill_budget or self.max_chunk)
 
     # -- sequences -------------------------------------------------------------------------------
@@ -148,6 +148,7 @@ class Engine:
         seq = kind(next(self._ids), slot)
         self._claim(slot)
         self._live[slot] = seq
+        self.stats["sequences"] += 1
         return seq
 
     def _free_slot(self, exclude: int | None = None) -> int:

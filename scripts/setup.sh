@@ -11,5 +11,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[cpu,export,test,bench,peers]"
+.venv/bin/python -m pip install -q -e ".[cpu,export,test,bench,peers,serve]"
 .venv/bin/python -c "import onnxruntime as o, torch, transformers; print('setup ok: onnxruntime', o.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -17,7 +17,7 @@ def run(argv, capsys):
 def test_every_subcommand_has_help_for_every_option(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "cmd")
-    assert set(sub.choices) == {"generate", "bench", "profile", "info"}
+    assert set(sub.choices) == {"generate", "serve", "bench", "profile", "info"}
     for name, p in sub.choices.items():
         for action in p._actions:
             if action.dest != "help":

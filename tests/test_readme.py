@@ -1,26 +1,73 @@
-"""Every Python block of the README runs as written, in order, in one namespace, from the repo root."""
+"""Every Python block of the README runs as written, in order, in one namespace, from the repo root.
+A block that starts with SERVER_MARK runs against a `kvcache-infer serve` started for it (on port
+8000 when that is free, else on a free port substituted into the block)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVER_MARK = "# with `kvcache-infer serve` running:"
 
 
 def python_blocks(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
+def _port() -> int:
+    for port in (8000, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+@contextlib.contextmanager
+def served():
+    port = _port()
+    p = subprocess.Popen([sys.executable, "-m", "kvcache_infer.cli", "serve", "--port", str(port), "--threads", "1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while True:
+            assert p.poll() is None, p.stderr.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() - t0 < 60, "kvcache-infer serve did not come up"
+                time.sleep(0.1)
+        yield port
+    finally:
+        p.terminate()
+        p.wait(30)
+
+
 def test_readme_python_blocks_run_as_written(capsys):
     blocks = python_blocks((ROOT / "README.md").read_text())
-    assert len(blocks) >= 5
+    assert len(blocks) >= 6 and any(b.startswith(SERVER_MARK) for b in blocks)
     namespace: dict = {"__name__": "__readme__"}
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
         for i, block in enumerate(blocks, 1):
-            exec(compile(block, f"README.md python block {i}", "exec"), namespace)
+            code = compile(block, f"README.md python block {i}", "exec")
+            if block.startswith(SERVER_MARK):
+                with served() as port:
+                    exec(compile(block.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), f"README.md python block {i}",
+                                 "exec"), namespace)
+            else:
+                exec(code, namespace)
     finally:
         os.chdir(cwd)
     out = capsys.readouterr().out
