@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 from .api import HTTPError
@@ -12,8 +11,9 @@ from .engine import Engine
 class EngineWorker:
     """Owns an Engine's scheduler in one thread: submit() from any thread, events to a callback.
 
-    A subscriber's callback gets ("token", id) per generated token, then ("done", finish_reason) or
-    ("error", message) once. Callbacks run on the engine thread and must only hand the event over."""
+    A request's callback is called as callback(request, kind, value): ("token", token id) per generated
+    token, then once ("done", finish_reason) or ("error", message). Callbacks run on the engine thread
+    and must only hand the event over."""
 
     def __init__(self, engine: Engine, metrics: ServerMetrics, max_queue: int):
         self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
@@ -79,12 +79,11 @@ class EngineWorker:
             except Exception as e:         # a failed run changed nothing: fail what is in flight, keep serving
                 self._fail_all(f"the engine failed a step: {type(e).__name__}: {e}")
                 continue
-            now = time.perf_counter()
             for req, token in events:
                 sub = self._subs.get(req.id)
                 if sub is not None:
                     sub[1](req, "token", token)
-                self.metrics.on_token(req, now)
+                self.metrics.on_token(req)
             self._finish_done()
 
     def _finish_done(self) -> None:
@@ -159,7 +158,7 @@ class ServerMetrics:
 
         self.registry.register(EngineState())
 
-    def on_token(self, req, now: float) -> None:
+    def on_token(self, req) -> None:
         self.tokens.inc()
         if len(req.token_times) == 1:
             self.ttft.observe(req.token_times[0] - req.submitted_at)
