@@ -80,8 +80,12 @@ def create_app(engine: Engine, *, model_name: str | None = None, limits: ServeLi
         except (ValueError, UnicodeDecodeError) as e:
             raise HTTPError(400, f"the body is not valid JSON: {e}") from None
 
-    def check_prompts(c: CompletionRequest) -> list:
-        ids = []
+    def encode(c: CompletionRequest) -> list:
+        """Each prompt's token ids (text through the tokenizer once), checked against the limits in the
+        request's terms; the engine thread gets ids only."""
+        if c.stop and engine.model.tokenizer is None:
+            raise HTTPError(400, "`stop` strings need a model with a tokenizer; use stop_token_ids", param="stop")
+        out = []
         for p in c.prompts:
             try:
                 _, toks = encode_prompt(engine.model, p)
@@ -94,10 +98,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, limits: ServeLi
                 raise HTTPError(400, f"the prompt ({len(toks)} tokens) and max_tokens={c.max_tokens} need "
                                 f"{len(toks) + c.max_tokens - 1} positions; the context is {engine.max_seq_len}: "
                                 f"lower max_tokens to at most {engine.max_seq_len - len(toks) + 1}", param="max_tokens")
-            if c.stop and engine.model.tokenizer is None:
-                raise HTTPError(400, "`stop` strings need a model with a tokenizer; use stop_token_ids", param="stop")
-            ids.append(p)
-        return ids
+            out.append(list(toks))
+        return out
 
     async def completions(request: Request):
         arrived = time.perf_counter()
@@ -105,7 +107,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, limits: ServeLi
             return error(HTTPError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"))
         try:
             c = parse_completion(await read_json(request), name, limits)
-            prompts = check_prompts(c)
+            prompts = encode(c)
             loop, queue = asyncio.get_running_loop(), asyncio.Queue()
             push = lambda req, kind, value: loop.call_soon_threadsafe(queue.put_nowait, (req.id, kind, value))
             try:
