@@ -111,8 +111,10 @@ def parse_completion(body: Any, model_name: str, limits: ServeLimits) -> Complet
 class Choice:
     """One prompt's completion as it arrives: token ids in, text out (stop strings cut the text)."""
 
-    def __init__(self, index: int, req, stops: list[str], tokenizer):
-        self.index, self.req, self.stops = index, req, stops
+    def __init__(self, index: int, prompt_tokens: int, stops: list[str], tokenizer):
+        self.index, self.prompt_tokens, self.stops = index, prompt_tokens, stops
+        self.cached_tokens = 0                   # prompt tokens the engine took from its prefix cache
+        self.last_at: float | None = None        # when the latest token arrived (perf_counter)
         self.text = IncrementalText(tokenizer) if tokenizer is not None else None
         self.buffer, self.sent = "", 0           # decoded text; how much of it went out
         self.hold = max((len(s) for s in stops), default=1) - 1

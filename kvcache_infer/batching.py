@@ -10,8 +10,10 @@ A step (tick) admits waiting requests into free slots, favouring those whose pro
 longest cached prefix and holding back one that shares a prefix with a prompt still being prefilled
 (it will adopt those rows instead of computing them again); then runs one ragged step: every
 running request in decode gives its last token (decode first), and prompts are fed in chunks up to
-the prefill budget. Each request samples with its own sampler (own seed), so its tokens do not
-depend on what else is in the batch. A finished request's sequence is released at once, and its
+the prefill budget, cut at fixed offsets (multiples of min(budget, max_chunk) from where the request
+started feeding) so that a prompt is cut the same way whatever else runs. With the runs' own batch
+invariance (runs.PackedRun.ragged), a request's logits, and so its tokens, do not depend on what
+else is in the batch; each request samples with its own sampler (own seed). A finished request's sequence is released at once, and its
 slot serves the next request in the next step.
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Request:
         self.tokenizer = tokenizer
         self.seq: Sequence | None = None
         self.fed = 0                     # prompt tokens in the cache
+        self.cached_tokens = 0           # prompt tokens adopted from the prefix cache at admission
         self.output: list[int] = []      # generated tokens
         self.done = False
         self.finish_reason: str | None = None    # "length", "stop" or "cancelled"
@@ -133,10 +136,14 @@ class Scheduler:
             for req in self.running:                         # decode first
                 if req.fed == req.prompt.size:
                     feeds[req.seq] = np.array([req.output[-1]], dtype=np.int64)
-            budget = self.prefill_budget
+            budget, unit = self.prefill_budget, min(self.prefill_budget, eng.max_chunk)
             for req in self.running:                         # then prompt chunks, in admission order
-                if req.fed < req.prompt.size and budget > 0:
-                    take = min(req.prompt.size - req.fed, budget, eng.max_chunk)
+                if req.fed < req.prompt.size:
+                    # chunks end at multiples of `unit` from where the request started feeding, whatever
+                    # else runs: a prompt is cut the same way alone and in a batch (same numbers)
+                    take = min(req.prompt.size - req.fed, unit - (req.fed - req.cached_tokens) % unit)
+                    if take > budget:
+                        continue
                     feeds[req.seq] = req.prompt[req.fed:req.fed + take]
                     prefill[req.id] = take
                     budget -= take
@@ -197,7 +204,7 @@ class Scheduler:
             if shared > -minus_have:
                 continue                                   # adopt those rows once they are computed
             req.seq = eng.new_sequence()
-            req.fed = eng.reuse_prefix(req.seq, req.prompt)
+            req.fed = req.cached_tokens = eng.reuse_prefix(req.seq, req.prompt)
             req.admitted_at = time.perf_counter()
             self.running.append(req)
             with self._queue_lock:

@@ -74,6 +74,22 @@ def cmd_serve(a) -> int:
                            "pip install 'kvcache-infer[serve]'") from None
     from .engine import Engine
     from .server import ServeLimits, serve
+    if a.replicas is not None:
+        if a.replicas < 1:
+            raise KVCacheError(f"--replicas must be >= 1, got {a.replicas}")
+        if a.device != "cpu":
+            raise KVCacheError("--replicas runs CPU replicas in this version; for CUDA serve one process: "
+                               "drop --replicas")
+        try:
+            import ray  # noqa: F401
+            from ray import serve  # noqa: F401
+        except ImportError as e:
+            raise KVCacheError(f"--replicas needs the ray extra ({e.name} is missing): "
+                               "pip install 'kvcache-infer[serve,ray]'") from None
+        if a.threads is None and a.address is None:
+            a.threads = max(1, (os.cpu_count() or 1) // a.replicas)      # the replicas share this machine
+    elif a.address is not None:
+        raise KVCacheError("--address names a Ray cluster for --replicas; add --replicas N")
     for opt, v, low in (("--port", a.port, 0), ("--max-sequences", a.max_sequences, 1), ("--max-queue", a.max_queue, 0),
                         ("--max-body-bytes", a.max_body_bytes, 1), ("--max-chunk", a.max_chunk, 1)):
         if v < low:
@@ -92,12 +108,34 @@ def cmd_serve(a) -> int:
     limits = ServeLimits(max_queue=a.max_queue, max_body_bytes=a.max_body_bytes, max_prompt_tokens=a.max_prompt_tokens,
                          request_timeout_s=a.request_timeout, api_key=a.api_key or os.environ.get(API_KEY_ENV) or None)
     where = "" if a.host in ("127.0.0.1", "localhost", "::1") else " (reachable from other machines)"
+    if a.replicas is not None:                 # the Engine above only checked the options: each replica builds its own
+        from .ray_serve import ReplicaOptions
+        options = ReplicaOptions(model=str(eng.model.dir), name=a.served_model_name or eng.model.dir.name,
+                                 max_sequences=eng.max_sequences, max_seq_len=eng.max_seq_len, max_chunk=a.max_chunk,
+                                 prefix_cache=not a.no_prefix_cache, threads=a.threads, max_queue=a.max_queue)
+        del eng
+        return _serve_on_ray(a, options, limits, where)
     print(f"kvcache-infer serve: {a.served_model_name or eng.model.dir.name} ({eng.model.dir}), "
           f"{eng.max_sequences} sequences x {eng.max_seq_len} tokens, {eng.model.device}; "
           f"http://{a.host}:{a.port}/v1{where}; API key {'required' if limits.api_key else 'not required'}",
           file=sys.stderr, flush=True)
     serve(eng, host=a.host, port=a.port, model_name=a.served_model_name, limits=limits,
           shutdown_timeout_s=a.shutdown_timeout, log_level=a.log_level)
+    return 0
+
+
+def _serve_on_ray(a, options, limits, where) -> int:
+    from .ray_serve import run
+    cores = os.cpu_count() or 1
+    if a.address is None and a.replicas * (a.threads or 1) > cores:
+        print(f"kvcache-infer serve: {a.replicas} replicas x {a.threads} threads on {cores} cores: they will "
+              "take turns on the cores", file=sys.stderr)
+    print(f"kvcache-infer serve: {options.name} ({options.model}), {a.replicas} Ray Serve replicas of "
+          f"{options.max_sequences} sequences x {options.max_seq_len} tokens ({a.threads or 'default'} threads each), "
+          f"sessions (`user`) routed by consistent hash; http://{a.host}:{a.port}/v1{where}; "
+          f"API key {'required' if limits.api_key else 'not required'}", file=sys.stderr, flush=True)
+    run(options, a.replicas, limits, host=a.host, port=a.port, address=a.address,
+        shutdown_timeout_s=a.shutdown_timeout, log_level=a.log_level)
     return 0
 
 
@@ -227,7 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds in-flight requests may finish before they are cancelled (default 30)")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn's log level (default warning)")
+                   help="uvicorn's (and with --replicas, Ray Serve's) log level (default warning)")
+    s.add_argument("--replicas", type=int, default=None,
+                   help="serve from N engine replicas on Ray Serve, each session (`user`) on one replica "
+                        "(needs the ray extra; default: one engine in this process)")
+    s.add_argument("--address", default=None,
+                   help="with --replicas: a running Ray cluster's address ('auto', or HOST:6379); "
+                        "default: start Ray on this machine")
     s.set_defaults(fn=cmd_serve)
 
     b = sub.add_parser("bench", help="first-token and cached-token latency of one model",

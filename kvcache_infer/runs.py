@@ -248,6 +248,15 @@ class PackedRun(BoundRun):
         T = sum(len(c.ids) for c in chunks)
         if S > self.max_chunk or T > self.max_tokens:
             raise KVCacheError(f"a run of {T} tokens with a chunk of {S} exceeds max_chunk={self.max_chunk}")
+        # Batch invariance: ONNX Runtime takes other kernel paths for one row (MatMulNBits, for the
+        # tokens and for the lm_head's rows) and for a grid one column wide (GroupQueryAttention's
+        # decoding path), whose results differ in the last bits, and int8-quantized activations (int4
+        # graphs) turn that into ~1% of the logits. So a run has at least 2 tokens (a copy of a lone
+        # token, reading its row's attention output), 2 columns and 2 logits rows (the one repeated;
+        # callers see one): a row's numbers do not depend on what else is in the run.
+        dummy = T == 1 and self.max_chunk >= 2
+        if S == 1 and self.max_chunk >= 2:
+            S = 2
         self._lockstep = None
         ar, C = self._arange, self.cache.capacity
         q, cl = self._q_len.view((rows,)), self._cache_len.view((rows,))
@@ -281,6 +290,13 @@ class PackedRun(BoundRun):
             if c.ancestors is not None:
                 bias[c.row, 0, :n, :c.start + n] = np.where(c.ancestors, 0, self._neg)
             off += n
-        self._bind(T, rows, S, r, tree)
+        if dummy:
+            T = 2
+            ids[1], pos[1] = ids[0], pos[0]
+            self._cells.view((T, 2))[1] = (chunks[0].row, 0)
+        kept = r
+        if r == 1 and self.max_logits >= 2:
+            keep[1], kept = keep[0], 2
+        self._bind(T, rows, S, kept, tree)
         run_bound(self.model, self.io, f"{T} token(s) over {len(chunks)} row(s)")
         return self._outputs(r)

@@ -1,15 +1,16 @@
-"""An OpenAI-compatible HTTP server over one Engine (`kvcache-infer serve`, extra `[serve]`).
+"""An OpenAI-compatible HTTP server over Engines (`kvcache-infer serve`, extra `[serve]`).
 
     POST /v1/completions   prompt as text or token ids (or a list of them), max_tokens, temperature,
-                           top_p, top_k, seed, stop, stream (server-sent events), user
+                           top_p, top_k, seed, stop, stream (server-sent events), user (session key)
     GET  /v1/models        the served model
-    GET  /health           200 while the engine thread is alive (no key needed)
-    GET  /metrics          Prometheus text: tokens, requests, queue, cache, prefix cache, latencies
+    GET  /health           200 while requests can be served (no key needed)
+    GET  /metrics          Prometheus text: tokens, requests, latencies, and per engine: queue, cache,
+                           prefix cache
 
-One thread owns the Engine and ticks its scheduler while requests are in flight (continuous
-batching); the HTTP side (Starlette on uvicorn, one asyncio loop) hands requests to it and gets
-tokens back through one asyncio queue per request. A client that disconnects, or a request past its
-timeout, cancels its sequence and frees its slot at the next step.
+The app talks to a backend.Backend: one Engine in this process (LocalBackend: one thread owns the
+Engine and ticks its scheduler, continuous batching) or Engine replicas on Ray Serve (ray_serve.py).
+Events come back through one asyncio queue per request. A client that disconnects, or a request past
+its timeout, cancels its sequences and frees their slots at the next step.
 """
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ import time
 import uuid
 
 from .api import Choice, CompletionRequest, HTTPError, ServeLimits, parse_completion
+from .backend import Backend, LocalBackend
 from .engine import Engine
-from .errors import KVCacheError
-from .generation import encode_prompt
-from .worker import EngineWorker, ServerMetrics
+from .worker import ServerMetrics
 
 
-def create_app(engine: Engine, *, model_name: str | None = None, limits: ServeLimits = ServeLimits()):
-    """A Starlette app serving `engine`; its lifespan starts and stops the engine thread."""
+def create_app(engine: Engine | Backend, *, model_name: str | None = None, limits: ServeLimits = ServeLimits()):
+    """A Starlette app serving `engine` (an Engine in this process, or a Backend); its lifespan starts
+    and stops the backend."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
@@ -49,11 +50,10 @@ def create_app(engine: Engine, *, model_name: str | None = None, limits: ServeLi
             finally:
                 self.on_close()
 
-    name = model_name or engine.model.dir.name
-    metrics = ServerMetrics(engine)
-    worker = EngineWorker(engine, metrics, limits.max_queue)
-    max_prompt = limits.max_prompt_tokens or engine.max_seq_len - 1
+    backend = engine if isinstance(engine, Backend) else LocalBackend(engine, name=model_name, max_queue=limits.max_queue)
+    metrics = ServerMetrics()
     api_key = limits.api_key.encode() if limits.api_key else None
+    served = {}                                  # "model", "tokenizer": set when the backend has started
 
     def error(e: HTTPError) -> JSONResponse:
         metrics.rejected.labels(str(e.status)).inc()
@@ -81,24 +81,36 @@ def create_app(engine: Engine, *, model_name: str | None = None, limits: ServeLi
             raise HTTPError(400, f"the body is not valid JSON: {e}") from None
 
     def encode(c: CompletionRequest) -> list:
-        """Each prompt's token ids (text through the tokenizer once), checked against the limits in the
-        request's terms; the engine thread gets ids only."""
-        if c.stop and engine.model.tokenizer is None:
+        """Each prompt's token ids (text through the tokenizer, here, once), checked against the limits
+        in the request's terms; the engines get ids only."""
+        model, tok = served["model"], served["tokenizer"]
+        if c.stop and tok is None:
             raise HTTPError(400, "`stop` strings need a model with a tokenizer; use stop_token_ids", param="stop")
+        max_prompt = limits.max_prompt_tokens or model.max_seq_len - 1
         out = []
         for p in c.prompts:
-            try:
-                _, toks = encode_prompt(engine.model, p)
-            except KVCacheError as e:
-                raise HTTPError(400, str(e), param="prompt") from None
-            if len(toks) > max_prompt:
-                raise HTTPError(400, f"the prompt has {len(toks)} tokens; this server takes at most {max_prompt}",
+            if isinstance(p, str):
+                if tok is None:
+                    raise HTTPError(400, f"model {model.name!r} has no tokenizer: send the prompt as token ids",
+                                    param="prompt")
+                p = tok.encode(p).ids
+                if not p:
+                    raise HTTPError(400, "the prompt encodes to no tokens", param="prompt")
+            bad = next((t for t in p if not 0 <= t < model.vocab_size), None)
+            if bad is not None:
+                raise HTTPError(400, f"token id {bad} is outside the vocabulary [0, {model.vocab_size})", param="prompt")
+            if len(p) > max_prompt:
+                raise HTTPError(400, f"the prompt has {len(p)} tokens; this server takes at most {max_prompt}",
                                 param="prompt")
-            if len(toks) + c.max_tokens - 1 > engine.max_seq_len:
-                raise HTTPError(400, f"the prompt ({len(toks)} tokens) and max_tokens={c.max_tokens} need "
-                                f"{len(toks) + c.max_tokens - 1} positions; the context is {engine.max_seq_len}: "
-                                f"lower max_tokens to at most {engine.max_seq_len - len(toks) + 1}", param="max_tokens")
-            out.append(list(toks))
+            if len(p) + c.max_tokens - 1 > model.max_seq_len:
+                raise HTTPError(400, f"the prompt ({len(p)} tokens) and max_tokens={c.max_tokens} need "
+                                f"{len(p) + c.max_tokens - 1} positions; the context is {model.max_seq_len}: "
+                                f"lower max_tokens to at most {model.max_seq_len - len(p) + 1}", param="max_tokens")
+            out.append(list(p))
+        bad = next((t for t in c.sampling["stop_ids"] if not 0 <= t < model.vocab_size), None)
+        if bad is not None:
+            raise HTTPError(400, f"stop token id {bad} is outside the vocabulary [0, {model.vocab_size})",
+                            param="stop_token_ids")
         return out
 
     async def completions(request: Request):
@@ -106,25 +118,21 @@ def create_app(engine: Engine, *, model_name: str | None = None, limits: ServeLi
         if not authorized(request):
             return error(HTTPError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"))
         try:
-            c = parse_completion(await read_json(request), name, limits)
+            c = parse_completion(await read_json(request), served["model"].name, limits)
             prompts = encode(c)
-            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-            push = lambda req, kind, value: loop.call_soon_threadsafe(queue.put_nowait, (req.id, kind, value))
-            try:
-                reqs = worker.submit(prompts, c.max_tokens, c.sampling, push, arrived)
-            except KVCacheError as e:
-                raise HTTPError(400, str(e)) from None
+            comp = await backend.submit(prompts, c.max_tokens, c.sampling, c.user)
         except HTTPError as e:
             return error(e)
         except ClientDisconnect:
             return Response(status_code=499)
-        choices = {r.id: Choice(i, r, c.stop, engine.model.tokenizer) for i, r in enumerate(reqs)}
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        choices = [Choice(i, len(p), c.stop, served["tokenizer"]) for i, p in enumerate(prompts)]
+        cid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), served["model"].name
         deadline = arrived + limits.request_timeout_s
+        headers = {"X-Kvcache-Replica": comp.replica} if comp.replica else {}
 
         async def events():
-            """(choice, text, ids, finish) as the engine produces them; cancels what is left on exit."""
-            open_, checked = set(choices), time.perf_counter()
+            """(choice, text, ids, finish) as the engines produce them; cancels what is left on exit."""
+            open_, checked = set(range(len(choices))), time.perf_counter()
             try:
                 while open_:
                     now = time.perf_counter()
@@ -136,32 +144,46 @@ def create_app(engine: Engine, *, model_name: str | None = None, limits: ServeLi
                     if left <= 0:
                         raise HTTPError(504, f"the request took longer than {limits.request_timeout_s:g} s",
                                         "timeout_error")
-                    try:
-                        rid, kind, value = await asyncio.wait_for(queue.get(), min(left, 0.5))
-                    except asyncio.TimeoutError:
+                    ev = await comp.get(min(left, 0.5))
+                    if ev is None:
                         continue
-                    ch = choices[rid]
+                    i, kind, value = ev
+                    ch = choices[i]
+                    if i not in open_:
+                        continue
                     if kind == "token":
-                        if ch.finish is not None:
-                            continue
+                        now = time.perf_counter()
+                        metrics.on_token(arrived, ch.last_at, now)
+                        ch.last_at = now
                         text, ids = ch.push(value)
-                        if ch.finish is not None:          # a stop string: the request ends here
-                            worker.cancel([ch.req])
-                            open_.discard(rid)
+                        if ch.finish is not None:          # a stop string: this prompt ends here
+                            comp.cancel(i)
+                            open_.discard(i)
+                            metrics.on_finish(ch.finish)
                         yield ch, text, ids, ch.finish
                     elif kind == "done":
-                        if rid in open_:
-                            open_.discard(rid)
-                            yield ch, ch.close(value), [], ch.finish
+                        reason, ch.cached_tokens = value
+                        open_.discard(i)
+                        text = ch.close(reason)
+                        metrics.on_finish(ch.finish)
+                        yield ch, text, [], ch.finish
                     else:
-                        raise HTTPError(500, value, "server_error")
+                        status, message = value
+                        open_.discard(i)
+                        metrics.on_finish("error")
+                        raise HTTPError(status, message, "server_error",
+                                        headers={"Retry-After": "1"} if status in (429, 503) else None)
             finally:
-                worker.cancel([ch.req for ch in choices.values() if not ch.req.done])
+                if open_:                                  # the client went away, a timeout or an error
+                    comp.cancel()
+                    for _ in open_:
+                        metrics.on_finish("cancelled")
 
         def usage() -> dict:
-            out = sum(len(ch.ids) for ch in choices.values())
-            inp = sum(ch.req.prompt.size for ch in choices.values())
-            return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}
+            out = sum(len(ch.ids) for ch in choices)
+            inp = sum(ch.prompt_tokens for ch in choices)
+            return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out,
+                    "prompt_tokens_details": {"cached_tokens": sum(ch.cached_tokens for ch in choices)}}
 
         def chunk(ch, text, ids, finish) -> dict:
             return {"id": cid, "object": "text_completion", "created": created, "model": name,
@@ -180,52 +202,54 @@ def create_app(engine: Engine, *, model_name: str | None = None, limits: ServeLi
                     metrics.rejected.labels(str(e.status)).inc()
                     yield f"data: {json.dumps(e.body())}\n\n"
                 yield "data: [DONE]\n\n"
-            return ClosingStream(sse(), on_close=lambda: worker.cancel([ch.req for ch in choices.values()]),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return ClosingStream(sse(), on_close=comp.cancel, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         try:
             async for _ in events():
                 pass
         except HTTPError as e:
             return error(e)
-        if not all(ch.finish for ch in choices.values()):
+        if not all(ch.finish for ch in choices):
             return Response(status_code=499)                   # the client went away
         return JSONResponse({
             "id": cid, "object": "text_completion", "created": created, "model": name,
             "choices": [{"index": ch.index, "text": ch.full_text, "token_ids": ch.ids, "logprobs": None,
-                         "finish_reason": ch.finish} for ch in choices.values()],
-            "usage": usage()})
+                         "finish_reason": ch.finish} for ch in choices],
+            "usage": usage()}, headers=headers)
 
     async def models(request: Request):
         if not authorized(request):
             return error(HTTPError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"))
+        m = served["model"]
         return JSONResponse({"object": "list", "data": [{
-            "id": name, "object": "model", "created": int(engine.model.file.stat().st_mtime), "owned_by": "kvcache-infer",
-            "max_model_len": engine.max_seq_len, "vocab_size": engine.manifest.vocab_size,
-            "tokenizer": engine.model.tokenizer is not None}]})
+            "id": m.name, "object": "model", "created": m.created, "owned_by": "kvcache-infer",
+            "max_model_len": m.max_seq_len, "vocab_size": m.vocab_size, "tokenizer": m.tokenizer_json is not None}]})
 
     async def health(request: Request):
-        ok = worker.alive
+        ok = await backend.healthy()
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
     async def metrics_route(request: Request):
         if not authorized(request):
             return error(HTTPError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"))
-        body, ctype = await asyncio.to_thread(metrics.render)   # reading the cache waits for a step
+        body, ctype = metrics.render(await backend.snapshots())
         return Response(body, media_type=ctype)
 
     @asynccontextmanager
     async def lifespan(app):
-        worker.start()
+        await backend.start()
+        served["model"] = backend.model
+        served["tokenizer"] = backend.model.tokenizer()
         try:
             yield
         finally:
-            await asyncio.to_thread(worker.stop)
+            await backend.stop()
 
     app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
                             Route("/v1/models", models), Route("/health", health),
                             Route("/metrics", metrics_route)], lifespan=lifespan)
-    app.state.engine, app.state.worker, app.state.metrics = engine, worker, metrics
+    app.state.backend, app.state.metrics = backend, metrics
+    app.state.engine = engine if isinstance(engine, Engine) else None
     return app
 
 

@@ -1,4 +1,5 @@
-"""The engine thread of `kvcache-infer serve` and its Prometheus metrics."""
+"""The engine thread of `kvcache-infer serve` (one Engine in this process) and the server's Prometheus
+metrics."""
 from __future__ import annotations
 
 import threading
@@ -15,8 +16,8 @@ class EngineWorker:
     token, then once ("done", finish_reason) or ("error", message). Callbacks run on the engine thread
     and must only hand the event over."""
 
-    def __init__(self, engine: Engine, metrics: ServerMetrics, max_queue: int):
-        self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
+    def __init__(self, engine: Engine, max_queue: int):
+        self.engine, self.max_queue = engine, max_queue
         self._subs: dict[int, tuple[Any, Any]] = {}          # request id -> (request, callback)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -83,7 +84,6 @@ class EngineWorker:
                 sub = self._subs.get(req.id)
                 if sub is not None:
                     sub[1](req, "token", token)
-                self.metrics.on_token(req)
             self._finish_done()
 
     def _finish_done(self) -> None:
@@ -92,7 +92,6 @@ class EngineWorker:
             for r, _ in done:
                 del self._subs[r.id]
         for r, cb in done:
-            self.metrics.on_finish(r)
             cb(r, "done", r.finish_reason)
 
     def _fail_all(self, message: str) -> None:
@@ -105,69 +104,58 @@ class EngineWorker:
         except Exception:
             pass
         for r, cb in subs:
-            self.metrics.on_finish(r, error=True)
             cb(r, "error", message)
 
 
 class ServerMetrics:
-    """Prometheus metrics in a registry of their own: counters and histograms updated by the engine
-    thread, engine state (queue, cache, prefix cache) read at scrape time."""
+    """Prometheus metrics in a registry of their own: request counters and latency histograms updated
+    by the HTTP layer as events reach it (so they include the hand-over to the client), engine state
+    (backend.ENGINE_METRICS) read from the backend at scrape time."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Histogram
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        self.engine = engine
         self.registry = CollectorRegistry()
         self.tokens = Counter("kvcache_generated_tokens", "Generated tokens (rate() gives tokens/s)",
                               registry=self.registry)
-        self.requests = Counter("kvcache_requests", "Finished requests by finish reason", ["reason"],
+        self.requests = Counter("kvcache_requests", "Finished prompts by finish reason", ["reason"],
                                 registry=self.registry)
         self.rejected = Counter("kvcache_rejected_requests", "Requests refused, by HTTP status", ["status"],
                                 registry=self.registry)
         self.ttft = Histogram("kvcache_time_to_first_token_seconds", "From arrival to the first token",
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), registry=self.registry)
-        self.per_token = Histogram("kvcache_time_per_output_token_seconds", "Between a request's consecutive tokens",
+        self.per_token = Histogram("kvcache_time_per_output_token_seconds", "Between a prompt's consecutive tokens",
                                    buckets=(.005, .01, .02, .04, .06, .08, .1, .15, .25, .5, 1, 2.5),
                                    registry=self.registry)
 
-        class EngineState:
-            def collect(_self):
-                sched = engine.scheduler
-                yield GaugeMetricFamily("kvcache_queue_depth", "Requests waiting for a slot", value=len(sched.waiting))
-                yield GaugeMetricFamily("kvcache_running_requests", "Requests holding a slot", value=len(sched.running))
-                p = engine.memory_profile()
-                yield GaugeMetricFamily("kvcache_cache_bytes", "K/V cache bytes allocated", value=p.total_bytes)
-                yield GaugeMetricFamily("kvcache_cache_used_bytes", "K/V bytes holding live tokens", value=p.used_bytes)
-                yield GaugeMetricFamily("kvcache_cache_retained_bytes", "K/V bytes of released sequences kept for "
-                                        "prefix reuse", value=p.retained_bytes)
-                yield GaugeMetricFamily("kvcache_cache_occupancy_ratio", "Slots holding a live or retained sequence "
-                                        "/ slots", value=p.logical_blocks / p.physical_blocks)
-                yield GaugeMetricFamily("kvcache_cache_fragmentation_ratio", "Unused rows of occupied slots / rows "
-                                        "of occupied slots", value=p.fragmentation_ratio)
-                admitted = engine.stats["sequences"]
-                yield CounterMetricFamily("kvcache_prefix_cache_hits", "Sequences that adopted a cached prefix",
-                                          value=p.prefix_hits)
-                yield CounterMetricFamily("kvcache_prefix_cache_tokens_reused", "Prompt tokens adopted, not computed",
-                                          value=p.prefix_tokens_reused)
-                yield CounterMetricFamily("kvcache_sequences", "Sequences started", value=admitted)
-                yield GaugeMetricFamily("kvcache_prefix_cache_hit_ratio", "Prefix-cache hits / sequences started",
-                                        value=p.prefix_hits / admitted if admitted else 0.0)
-                yield CounterMetricFamily("kvcache_prefix_cache_evictions", "Retained sequences evicted",
-                                          value=p.evictions)
-
-        self.registry.register(EngineState())
-
-    def on_token(self, req) -> None:
+    def on_token(self, arrived: float, last: float | None, now: float) -> None:
+        """A token reached the HTTP layer at `now`; `last`: when the prompt's previous one did (None: first)."""
         self.tokens.inc()
-        if len(req.token_times) == 1:
-            self.ttft.observe(req.token_times[0] - req.submitted_at)
+        if last is None:
+            self.ttft.observe(now - arrived)
         else:
-            self.per_token.observe(req.token_times[-1] - req.token_times[-2])
+            self.per_token.observe(now - last)
 
-    def on_finish(self, req, error: bool = False) -> None:
-        self.requests.labels("error" if error else req.finish_reason).inc()
+    def on_finish(self, reason: str) -> None:
+        self.requests.labels(reason).inc()
 
-    def render(self) -> tuple[bytes, str]:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def render(self, snapshots: list[tuple[dict[str, str], dict[str, float]]]) -> tuple[bytes, str]:
+        """The text exposition: this registry, then the engines' state (one sample per engine, labelled
+        as the backend labels them, e.g. by replica)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from .backend import ENGINE_METRICS
+
+        class Engines:
+            def collect(_self):
+                keys = sorted({k for labels, _ in snapshots for k in labels})
+                for name, doc, kind in ENGINE_METRICS:
+                    family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=keys)
+                    for labels, values in snapshots:
+                        family.add_metric([labels.get(k, "") for k in keys], values[name])
+                    yield family
+
+        state = CollectorRegistry()
+        state.register(Engines())
+        return generate_latest(self.registry) + generate_latest(state), CONTENT_TYPE_LATEST

@@ -21,5 +21,5 @@ pipq() {
 }
 pipq --upgrade pip
 pipq "torch==2.13.0"
-pipq -e ".[cpu,export,test,bench,peers,serve]"
+pipq -e ".[cpu,export,test,bench,peers,serve,ray]"
 .venv/bin/python -c "import onnxruntime as o, torch, transformers; print('setup ok: onnxruntime', o.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -279,3 +279,27 @@ def test_handles_from_another_engine_or_released_are_refused(path):
     e1.release(a)
     with pytest.raises(InvalidInputError, match="released"):
         e1.step({a: [1]})
+
+
+def test_prompts_are_cut_at_the_same_offsets_alone_and_in_a_batch(path, rng):
+    """A prompt's chunks (and so its numbers: int4 kernels differ in the last bits between cuts) do
+    not depend on what else the scheduler runs: cuts at multiples of max_chunk from its start."""
+    prompts = [rng.integers(0, V, n).tolist() for n in (13, 20, 5, 30, 9)]
+
+    def cuts(eng, ps):
+        fed, real = {}, eng.advance
+
+        def spy(feeds):
+            for seq, ids in dict(feeds).items():
+                fed.setdefault(seq, []).append(len(ids))
+            return real(feeds)
+        eng.advance = spy
+        reqs = [eng.submit(p, 4) for p in ps]
+        while not all(r.done for r in reqs):
+            eng.tick()
+        return [fed[r.seq] for r in reqs]
+
+    together = cuts(Engine(path, max_sequences=3, max_seq_len=64, max_chunk=8, prefix_cache=False), prompts)
+    alone = [cuts(Engine(path, max_sequences=1, max_seq_len=64, max_chunk=8), [p])[0] for p in prompts]
+    assert together == alone
+    assert alone[3] == [8, 8, 8, 6, 1, 1, 1]
