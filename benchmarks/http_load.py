@@ -241,8 +241,10 @@ def plot_kill(got: dict, path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for cell, r in runs:
-        bins = r["tokens_per_second_bins"][:-1]
-        ax.plot(range(len(bins)), bins, label=cell, lw=1.2)
+        bins = np.array(r["tokens_per_second_bins"][:-1], dtype=float)
+        ax.plot(range(len(bins)), bins, color="tab:blue", lw=0.6, alpha=0.35, label=f"{cell}, per second")
+        smooth = np.convolve(bins, np.ones(5) / 5, mode="valid")            # 5-second mean, centred
+        ax.plot(np.arange(len(smooth)) + 2, smooth, color="tab:blue", lw=2, label=f"{cell}, 5-second mean")
         ax.axvline(r["killed_at_s"], color="tab:red", ls="--", lw=1)
         if r.get("back_at_s") is not None:
             ax.axvline(r["back_at_s"], color="tab:green", ls="--", lw=1)
@@ -252,7 +254,7 @@ def plot_kill(got: dict, path: Path) -> None:
     ax.set_xlabel("seconds into the window")
     ax.set_ylabel("generated tokens per second")
     ax.set_ylim(bottom=0)
-    ax.legend(loc="lower right", frameon=False)
+    ax.legend(loc="lower right", frameon=True, framealpha=0.9, fontsize=8)
     ax.set_title("Ray Serve, one replica killed under load (loopback, this machine)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -272,10 +274,13 @@ def main() -> None:
     ap.add_argument("--kill-at", type=float, default=None,
                     help="ray-N: kill one replica this many seconds into each cell's window")
     ap.add_argument("--publish", action="store_true", help="write to benchmarks/results/ (default benchmarks/out/)")
+    ap.add_argument("--replot", type=Path, default=None, metavar="JSON", help="redraw the plot of a --kill-at result")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return worker(a)
+    if a.replot:
+        return plot_kill(json.loads(a.replot.read_text())["rounds_raw"], a.replot.with_suffix(".png"))
     common = ["--model", a.model, "--duration", str(a.duration), "--max-sequences", str(a.max_sequences),
               "--threads", str(a.threads), "--seed", str(a.seed),
               *(["--kill-at", str(a.kill_at)] if a.kill_at is not None else [])]

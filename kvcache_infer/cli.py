@@ -247,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions) over the Engine",
                        description="Serve POST /v1/completions (text or token ids, streamed or not), GET /v1/models, "
                                    "/health and /metrics (Prometheus) from one Engine with continuous batching and "
-                                   "prefix reuse. Needs the serve extra: pip install 'kvcache-infer[serve]'.")
+                                   "prefix reuse; with --replicas N, from N Engine replicas on Ray Serve, each "
+                                   "session (`user`) on one replica. Needs the serve extra: pip install "
+                                   "'kvcache-infer[serve]' (and [ray] for --replicas).")
     _model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")

@@ -279,7 +279,10 @@ def app(args: dict):
             return v
         if "bool" in kinds[k]:
             return v.lower() in ("1", "true", "yes")
-        return (float if "float" in kinds[k] else int)(v)
+        try:
+            return (float if "float" in kinds[k] else int)(v)
+        except ValueError:
+            raise KVCacheError(f"{k}={v!r}: expected {kinds[k]}") from None
 
     args = {k: value(k, v) for k, v in args.items()}
     replica = ReplicaOptions(**{k: v for k, v in args.items() if k in ReplicaOptions.__annotations__})

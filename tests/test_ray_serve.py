@@ -172,3 +172,14 @@ def test_replica_options_are_checked_in_option_terms():
                        (["--address", "auto"], "--address names a Ray cluster for --replicas")):
         r = subprocess.run([*CLI, "serve", *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and says in r.stderr, (r.returncode, r.stderr)
+
+
+def test_the_serve_run_builder_takes_the_cli_options_by_name():
+    from ray.serve import Application
+
+    from kvcache_infer.errors import KVCacheError
+    from kvcache_infer.ray_serve import app
+    assert isinstance(app({"model": "pybytes", "replicas": "2", "threads": "1", "prefix_cache": "false",
+                           "max_seq_len": "128", "request_timeout_s": "30", "api_key": "k"}), Application)
+    with pytest.raises(KVCacheError, match="unknown argument"):
+        app({"model": "pybytes", "replica": "2"})

@@ -1,6 +1,7 @@
 """Every Python block of the README runs as written, in order, in one namespace, from the repo root.
-A block that starts with SERVER_MARK runs against a `kvcache-infer serve` started for it (on port
-8000 when that is free, else on a free port substituted into the block)."""
+A block that starts with "# with `kvcache-infer serve [OPTIONS]` running:" runs against a
+`kvcache-infer serve OPTIONS` started for it (on port 8000 when that is free, else on a free port
+substituted into the block)."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVER_MARK = "# with `kvcache-infer serve` running:"
+SERVER_MARK = re.compile(r"# with `kvcache-infer serve([^`]*)` running:")
 
 
 def python_blocks(text: str) -> list[str]:
@@ -33,10 +34,11 @@ def _port() -> int:
 
 
 @contextlib.contextmanager
-def served():
+def served(options: list[str]):
     port = _port()
-    p = subprocess.Popen([sys.executable, "-m", "kvcache_infer.cli", "serve", "--port", str(port), "--threads", "1"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-m", "kvcache_infer.cli", "serve", "--port", str(port), "--threads", "1",
+                          *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
         t0 = time.monotonic()
         while True:
@@ -45,25 +47,26 @@ def served():
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
                     break
             except OSError:
-                assert time.monotonic() - t0 < 60, "kvcache-infer serve did not come up"
+                assert time.monotonic() - t0 < 240, "kvcache-infer serve did not come up"
                 time.sleep(0.1)
         yield port
     finally:
         p.terminate()
-        p.wait(30)
+        p.wait(90)
 
 
 def test_readme_python_blocks_run_as_written(capsys):
     blocks = python_blocks((ROOT / "README.md").read_text())
-    assert len(blocks) >= 6 and any(b.startswith(SERVER_MARK) for b in blocks)
+    assert len(blocks) >= 6 and any(SERVER_MARK.match(b) for b in blocks)
     namespace: dict = {"__name__": "__readme__"}
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
         for i, block in enumerate(blocks, 1):
             code = compile(block, f"README.md python block {i}", "exec")
-            if block.startswith(SERVER_MARK):
-                with served() as port:
+            mark = SERVER_MARK.match(block)
+            if mark:
+                with served(mark[1].split()) as port:
                     exec(compile(block.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), f"README.md python block {i}",
                                  "exec"), namespace)
             else:
