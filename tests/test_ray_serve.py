@@ -25,7 +25,8 @@ httpx = pytest.importorskip("httpx")
 from kvcache_infer import Engine  # noqa: E402
 
 CLI = [sys.executable, "-m", "kvcache_infer.cli"]
-SESSIONS = [f"s{k}" for k in range(12)]       # 12 sessions on 2 replicas: both get some (all on one: p = 2^-11)
+SESSIONS = [f"s{k}" for k in range(12)]   # on 2 replicas of 16 slots: both get some (all on one: p = 2^-11),
+                                          # and no first turn is evicted before its second, whatever the split
 
 
 def free_port() -> int:
@@ -40,7 +41,7 @@ def cluster(tmp_path_factory):
     port, log = free_port(), tmp_path_factory.mktemp("ray") / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([*CLI, "serve", "--replicas", "2", "--threads", "1", "--port", str(port),
-                                 "--max-sequences", "8", "--request-timeout", "60", "--shutdown-timeout", "5"],
+                                 "--max-sequences", "16", "--request-timeout", "60", "--shutdown-timeout", "5"],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
