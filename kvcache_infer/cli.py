@@ -110,7 +110,7 @@ def cmd_serve(a) -> int:
     where = "" if a.host in ("127.0.0.1", "localhost", "::1") else " (reachable from other machines)"
     if a.replicas is not None:                 # the Engine above only checked the options: each replica builds its own
         from .ray_serve import ReplicaOptions
-        options = ReplicaOptions(model=str(eng.model.dir), name=a.served_model_name or eng.model.dir.name,
+        options = ReplicaOptions(model=str(eng.model.dir.resolve()), name=a.served_model_name or eng.model.dir.name,
                                  max_sequences=eng.max_sequences, max_seq_len=eng.max_seq_len, max_chunk=a.max_chunk,
                                  prefix_cache=not a.no_prefix_cache, threads=a.threads, max_queue=a.max_queue)
         del eng

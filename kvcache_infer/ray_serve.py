@@ -32,8 +32,8 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError, RayError
+from ray.serve.exceptions import BackPressureError, RayServeException
 
 from .api import HTTPError, ServeLimits
 from .backend import Backend, Completion, ServedModel, engine_snapshot
@@ -161,6 +161,9 @@ class RayBackend(Backend):
             gen = self.replicas.options(stream=True, session_id=key).generate.remote(prompt, max_tokens, sampling)
             try:
                 [(kind, value)] = await gen.__anext__()
+            except asyncio.CancelledError:
+                gen.cancel()                          # (awaiting it does not cancel the request)
+                raise
             except BackPressureError:
                 raise HTTPError(429, "every replica's queue is full; retry later", "rate_limit_error",
                                 headers={"Retry-After": "1"}) from None
@@ -170,6 +173,9 @@ class RayBackend(Backend):
                                     headers={"Retry-After": "1"}) from None
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
+            except (RayError, RayServeException) as e:
+                raise HTTPError(503, f"no replica could take the request ({type(e).__name__}); retry later",
+                                "server_error", headers={"Retry-After": "1"}) from None
             if kind == "refused":
                 status, message, err_kind, headers = value
                 raise HTTPError(status, message, err_kind, headers=headers)
@@ -318,8 +324,7 @@ def run(options: ReplicaOptions, replicas: int, limits: ServeLimits = ServeLimit
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if address:
-            serve.delete(name)
-        else:
+        serve.delete(name)           # waits while the replicas drain; the HTTP proxy stays up meanwhile
+        if not address:
             serve.shutdown()
         ray.shutdown()

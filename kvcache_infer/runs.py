@@ -253,7 +253,8 @@ class PackedRun(BoundRun):
         # decoding path), whose results differ in the last bits, and int8-quantized activations (int4
         # graphs) turn that into ~1% of the logits. So a run has at least 2 tokens (a copy of a lone
         # token, reading its row's attention output), 2 columns and 2 logits rows (the one repeated;
-        # callers see one): a row's numbers do not depend on what else is in the run.
+        # callers see one): a row's numbers do not depend on what else is in the run (max_chunk >= 2;
+        # with max_chunk=1 there is no room for a second column and runs are not batch invariant).
         dummy = T == 1 and self.max_chunk >= 2
         if S == 1 and self.max_chunk >= 2:
             S = 2
@@ -295,7 +296,7 @@ class PackedRun(BoundRun):
             ids[1], pos[1] = ids[0], pos[0]
             self._cells.view((T, 2))[1] = (chunks[0].row, 0)
         kept = r
-        if r == 1 and self.max_logits >= 2:
+        if r == 1 and self.max_logits >= 2 and self.max_tokens >= 2:
             keep[1], kept = keep[0], 2
         self._bind(T, rows, S, kept, tree)
         run_bound(self.model, self.io, f"{T} token(s) over {len(chunks)} row(s)")

@@ -120,7 +120,13 @@ def create_app(engine: Engine | Backend, *, model_name: str | None = None, limit
         try:
             c = parse_completion(await read_json(request), served["model"].name, limits)
             prompts = encode(c)
-            comp = await backend.submit(prompts, c.max_tokens, c.sampling, c.user)
+            left = arrived + limits.request_timeout_s - time.perf_counter()
+            try:
+                comp = await asyncio.wait_for(backend.submit(prompts, c.max_tokens, c.sampling, c.user),
+                                              max(left, 0.001))     # (Ray: a replica may be restarting)
+            except asyncio.TimeoutError:
+                raise HTTPError(504, f"the request took longer than {limits.request_timeout_s:g} s",
+                                "timeout_error") from None
         except HTTPError as e:
             return error(e)
         except ClientDisconnect:

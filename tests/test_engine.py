@@ -303,3 +303,10 @@ def test_prompts_are_cut_at_the_same_offsets_alone_and_in_a_batch(path, rng):
     alone = [cuts(Engine(path, max_sequences=1, max_seq_len=64, max_chunk=8), [p])[0] for p in prompts]
     assert together == alone
     assert alone[3] == [8, 8, 8, 6, 1, 1, 1]
+
+
+def test_one_slot_of_one_token_chunks_still_runs(path, rng):
+    """max_chunk=1 leaves no room for the batch-invariance padding: runs go without it."""
+    prompts = [rng.integers(0, V, n).tolist() for n in (3, 1)]
+    got = Engine(path, max_sequences=1, max_seq_len=32, max_chunk=1).generate(prompts, 5)
+    assert got == Engine(path, max_sequences=2, max_seq_len=32, max_chunk=8).generate(prompts, 5)

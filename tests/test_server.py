@@ -173,7 +173,8 @@ def test_queue_limit_429_and_timeout_504(model):
             second = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=30)
             while not eng.scheduler.waiting:
                 time.sleep(0.01)
-            third = httpx.post(srv.url + "/v1/completions", json=body)
+            with eng.lock:                     # no step meanwhile: the first cannot finish, the second waits
+                third = httpx.post(srv.url + "/v1/completions", json=body)
             assert third.status_code == 429 and third.headers["retry-after"]
             # 250 tokens take longer than 1.5 s here only on a slow machine; either way nothing hangs
             for f in (first, second):
