@@ -122,6 +122,15 @@ def engine_snapshot(engine: Engine) -> dict[str, float]:
     return {name: float(v) for (name, _, _), v in zip(ENGINE_METRICS, values)}
 
 
+def event_value(req, kind: str, value):
+    """An EngineWorker callback's value in this module's event format (see the docstring)."""
+    if kind == "done":
+        return value, req.cached_tokens
+    if kind == "error":
+        return 500, value
+    return value
+
+
 class LocalBackend(Backend):
     """One Engine in this process, its scheduler ticked by one thread (worker.EngineWorker)."""
 
@@ -141,11 +150,7 @@ class LocalBackend(Backend):
         index: dict[int, int] = {}
 
         def deliver(req, kind, value):            # on the loop, after `index` is filled
-            if kind == "done":
-                value = (value, req.cached_tokens)
-            elif kind == "error":
-                value = (500, value)
-            out.queue.put_nowait((index[req.id], kind, value))
+            out.queue.put_nowait((index[req.id], kind, event_value(req, kind, value)))
 
         push = lambda req, kind, value: loop.call_soon_threadsafe(deliver, req, kind, value)   # engine thread
 

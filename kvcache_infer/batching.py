@@ -13,8 +13,8 @@ running request in decode gives its last token (decode first), and prompts are f
 the prefill budget, cut at fixed offsets (multiples of min(budget, max_chunk) from where the request
 started feeding) so that a prompt is cut the same way whatever else runs. With the runs' own batch
 invariance (runs.PackedRun.ragged), a request's logits, and so its tokens, do not depend on what
-else is in the batch; each request samples with its own sampler (own seed). A finished request's sequence is released at once, and its
-slot serves the next request in the next step.
+else is in the batch; each request samples with its own sampler (own seed). A finished request's
+sequence is released at once, and its slot serves the next request in the next step.
 """
 from __future__ import annotations
 

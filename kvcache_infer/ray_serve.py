@@ -36,7 +36,7 @@ from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
 from .api import HTTPError, ServeLimits
-from .backend import Backend, Completion, ServedModel, engine_snapshot
+from .backend import Backend, Completion, ServedModel, engine_snapshot, event_value
 from .engine import Engine
 from .errors import KVCacheError
 from .worker import EngineWorker
@@ -104,8 +104,7 @@ class EngineReplica:
                 batch = [await queue.get()]
                 while not queue.empty():                 # what arrived meanwhile goes in one message
                     batch.append(queue.get_nowait())
-                out = [(k, (v, req.cached_tokens) if k == "done" else (500, v) if k == "error" else v)
-                       for k, v in batch]
+                out = [(k, event_value(req, k, v)) for k, v in batch]
                 yield out
                 if out[-1][0] != "token":
                     break
