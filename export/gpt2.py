@@ -13,12 +13,13 @@ E = hidden, N heads, D = E/N, C = cache capacity chosen by the caller, V = vocab
 
     h  = wte[input_ids] + wpe[position_ids]                       # [T,E]
     per layer i:
-      x    = LN1(h)                                               # fused into SkipLayerNorm
+      x    = LN1(h)                                               # Add + LayerNormalization
       qkv  = x @ Wqkv + bqkv                                      # [T,3E], Q pre-scaled
       a    = GroupQueryAttention(qkv[padded_tokens], past_key_i, past_value_i, ...)   # [B,S,E]
-      h    = h + a[token_cells] @ Wo + bo ; x = LN2(h)            # [T,E]; one SkipLayerNorm
-      h    = h + act(x @ Wfc + bfc) @ Wp + bp                     # folded into the next SkipLayerNorm
-    logits = LN_f(h[logits_index]) @ wte^T                        # [R,V]: only the rows asked for
+      (last layer: h = h[logits_index], token_cells = token_cells[logits_index]: [R,...] from here)
+      h    = h + a[token_cells] @ Wo + bo ; x = LN2(h)            # [T,E]; bias adds fold into Gemms
+      h    = h + act(x @ Wfc + bfc) @ Wp + bp                     # the next layer's Add
+    logits = LN_f(h) @ wte^T                                      # [R,V]: only the rows asked for
     next_token = argmax(logits, -1)                               # [R] int64, for greedy decoding
 
 The matmuls run on the T real tokens only; attention runs on the padded [B,S] grid, where GQA's
@@ -176,12 +177,23 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     (posv,) = g.node("Gather", [wpe, pos], name="embed/positions")               # [T,E]
 
     q_scale = 1.0 / np.sqrt(D) if getattr(config, "scale_attn_weights", True) else 1.0   # folded into Q: GQA scale 1
-    x_in, skip, bias = tok, posv, None  # the next SkipLayerNorm's operands: LN(x_in + skip + bias)
+    def add_norm(x_in: str, skip: str, ln: str, name: str) -> tuple[str, str]:
+        """(LN(x_in + skip), x_in + skip) as plain Add + LayerNormalization, not ORT's fused
+        SkipLayerNormalization: its CPU kernel took 103 us for 32 rows and 1.2 ms for 512 rows of 768
+        where these two took 61 us and 0.38 ms (ORT 1.32, 2 threads); one row costs the same. ORT's
+        optimizer leaves the pair unfused in this graph (checked at ORT_ENABLE_ALL)."""
+        (h,) = g.node("Add", [x_in, skip], name=name + "/residual")
+        (x,) = g.node("LayerNormalization", [h, weight(name + "/gamma", ln + ".weight"), weight(name + "/beta", ln + ".bias")],
+                      name=name, axis=-1, epsilon=eps)
+        return x, h
+
+    def biased(y: str, b: str | None) -> str:        # y + b, right after y's MatMul (ORT folds it into a Gemm)
+        return g.node("Add", [y, b], name=y.split("/out")[0] + "_bias")[0] if b else y
+
+    x_in, skip, bias = tok, posv, None  # the next norm's operands: LN(x_in + bias + skip)
     for i in range(L):
         p = f"transformer.h.{i}."
-        ins = [x_in, skip, weight(f"h{i}/ln_1/gamma", p + "ln_1.weight"), weight(f"h{i}/ln_1/beta", p + "ln_1.bias")]
-        x, _, _, h = g.node("SkipLayerNormalization", ins + ([bias] if bias else []), name=f"h{i}/ln_1", n_out=4,
-                            domain=MS_DOMAIN, epsilon=eps)
+        x, h = add_norm(biased(x_in, bias), skip, p + "ln_1", f"h{i}/ln_1")
 
         layer_scale = q_scale / (i + 1) if getattr(config, "scale_attn_by_inverse_layer_idx", False) else q_scale
         w_qkv = w(p + "attn.c_attn.weight").copy()  # [E,3E], Conv1D: y = x @ W + b
@@ -199,11 +211,16 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
             outputs=[f"h{i}/attn/out", names["present_key"][i], names["present_value"][i]],
             num_heads=N, kv_num_heads=N, scale=1.0, do_rotary=0,
         )                                                                                            # [B,S,E]
-        (attn,) = g.node("GatherND", [attn, cells], name=f"h{i}/attn/unpad")                         # [T,E]
+        if i == L - 1:
+            # The last layer's K/V need every token, but nothing after its attention does: from here on
+            # only the rows whose logits were asked for (for a 32-token prompt, ~6% of the FLOPs).
+            (last_cells,) = g.node("Gather", [cells, keep], name="keep/cells", axis=0)              # [R,2]
+            (attn,) = g.node("GatherND", [attn, last_cells], name=f"h{i}/attn/unpad")               # [R,E]
+            (h,) = g.node("Gather", [h, keep], name="keep/residual", axis=0)                         # [R,E]
+        else:
+            (attn,) = g.node("GatherND", [attn, cells], name=f"h{i}/attn/unpad")                     # [T,E]
         (proj,) = g.node("MatMul", [attn, weight(f"h{i}/attn/w_o", p + "attn.c_proj.weight")], name=f"h{i}/attn/proj")
-        ins = [proj, h, weight(f"h{i}/ln_2/gamma", p + "ln_2.weight"), weight(f"h{i}/ln_2/beta", p + "ln_2.bias"),
-               weight(f"h{i}/attn/b_o", p + "attn.c_proj.bias")]
-        x, _, _, h = g.node("SkipLayerNormalization", ins, name=f"h{i}/ln_2", n_out=4, domain=MS_DOMAIN, epsilon=eps)
+        x, h = add_norm(biased(proj, weight(f"h{i}/attn/b_o", p + "attn.c_proj.bias")), h, p + "ln_2", f"h{i}/ln_2")
 
         (fc,) = g.node("MatMul", [x, weight(f"h{i}/mlp/w_fc", p + "mlp.c_fc.weight")], name=f"h{i}/mlp/fc")
         act = activation(g, fc, weight(f"h{i}/mlp/b_fc", p + "mlp.c_fc.bias"), f"h{i}/mlp/act", np_dtype)
@@ -211,12 +228,9 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
         x_in, skip = mlp, h
         bias = weight(f"h{i}/mlp/b_proj", p + "mlp.c_proj.bias")
 
-    # Only the rows whose logits were asked for go through ln_f and the lm_head (~31% of a prompt's
-    # FLOPs on GPT-2 small when every position is computed).
-    (x_in,) = g.node("Gather", [x_in, keep], name="ln_f/keep_rows", axis=0)                          # [R,E]
-    (skip,) = g.node("Gather", [skip, keep], name="ln_f/keep_skip", axis=0)
-    ins = [x_in, skip, weight("ln_f/gamma", "transformer.ln_f.weight"), weight("ln_f/beta", "transformer.ln_f.bias"), bias]
-    (x,) = g.node("SkipLayerNormalization", ins, name="ln_f", domain=MS_DOMAIN, epsilon=eps)
+    # x_in, skip: [R,E]. ln_f and the lm_head too run on the kept rows only (the lm_head is ~31% of a
+    # prompt's FLOPs on GPT-2 small when every position is computed).
+    x, _ = add_norm(biased(x_in, bias), skip, "transformer.ln_f", "ln_f")
     out = [names["logits"]] if dtype == "float32" else None    # half precision: a Cast to fp32 follows
     if untied:                                                  # the head's own weight [V,E], stored once
         (lg,) = g.node("MatMul", [x, weight("lm_head/w", np.ascontiguousarray(w("lm_head.weight").T))],

@@ -37,10 +37,10 @@ def hf_model_from_export(old: Path):
     w = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in graph.initializer}
     ops = {n.op_type for n in graph.node}
     act = next((a for op, a in ACTIVATION_OF_OP.items() if op in ops), None)
-    ln = next(n for n in graph.node if n.op_type == "SkipLayerNormalization")
-    eps = next((a.f for a in ln.attribute if a.name == "epsilon"), 1e-5)
-    if act is None or "wte" not in w:
+    ln = next((n for n in graph.node if n.op_type in ("SkipLayerNormalization", "LayerNormalization")), None)
+    if act is None or ln is None or "wte" not in w:
         raise ValueError(f"{old}: not a graph written by this exporter (no wte / known activation)")
+    eps = next((a.f for a in ln.attribute if a.name == "epsilon"), 1e-5)
     L, N, E = manifest["num_layers"], manifest["num_heads"], manifest["hidden_size"]
     D = E // N
     cfg = GPT2Config(n_layer=L, n_head=N, n_embd=E, vocab_size=manifest["vocab_size"],

@@ -32,7 +32,7 @@ def test_manifest_records_geometry_layout_io_and_parity(exported):
 def test_graph_is_compact_and_stores_the_tied_embedding_once(exported):
     model = onnx.load(str(exported["tiny-a"] / "model.onnx"))
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("GroupQueryAttention") == 2 and ops.count("SkipLayerNormalization") == 5
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("LayerNormalization") == 5
     assert not {"Concat", "Transpose", "Softmax"} & set(ops)      # no copy of the past, no unfused attention
     sizes = sorted((int(np.prod(t.dims)) for t in model.graph.initializer), reverse=True)
     assert sizes.count(1000 * 64) == 1                                # wte [V,E] once, used by Gather and lm_head

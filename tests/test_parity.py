@@ -44,6 +44,24 @@ def test_cache_rows_equal_pytorch_past_key_values(name, hf_models, exported, rng
         np.testing.assert_allclose(v, ref_v, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_rows_asked_for_match_pytorch_in_one_ragged_run(name, hf_models, exported, rng):
+    """After the last layer's attention only the rows asked for go on (logits_index): every position of
+    one row, the last of another and of a third with a cached prefix, in one run, equal PyTorch's."""
+    from kvcache_infer.runs import Chunk
+    hf, V = hf_models[name], CONFIGS[name]["vocab_size"]
+    a, b, c = (rng.integers(0, V, size=n) for n in (9, 14, 20))
+    inf = KVCacheInferencer(exported[name], max_seq_len=48, batch_size=3)
+    run = inf.runner
+    run.ragged([Chunk(2, c[:12], 0)], rows=3)                 # row 2 holds 12 tokens before the joint run
+    logits, nxt = run.ragged([Chunk(0, a, 0, all_logits=True), Chunk(1, b, 0), Chunk(2, c[12:], 12)], rows=3)
+    assert logits.shape == (9 + 1 + 1, V)
+    np.testing.assert_allclose(logits[:9], hf_logits(hf, a[None])[0], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(logits[9], hf_logits(hf, b[None])[0, -1], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(logits[10], hf_logits(hf, c[None])[0, -1], atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(nxt, logits.argmax(-1))
+
+
 @pytest.mark.parametrize("chunks", [[40], [13, 1, 9, 17], [1] * 40, [2, 38]])
 def test_chunked_prefill_equals_one_shot(chunks, exported, rng):
     tokens = rng.integers(0, 1000, size=50)
