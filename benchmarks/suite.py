@@ -10,7 +10,8 @@ models/NAME and Optimum's at models/NAME-optimum) every system of benchmarks/pee
 greedy workload alone in a fresh process (ONNX Runtime's spinning pool threads make two live
 sessions slow each other on 2 cores), round after round with the order rotated:
 
-  first token  prompts of --prompt-lens tokens: prefill and the first pick, batch 1
+  first token  prompts of --prompt-lens tokens: prefill and the first pick, batch 1; per length one
+               untimed prompt first (a new shape's first run allocates), then --prompt-repeats timed
   decode       one-token steps at cache positions --positions (batch 1) and at --batch-position for
                batches --batches: a sequence is prefilled to position - warmup, `warmup` untimed steps
                follow, then `steps` timed ones; each feeds one token per row and picks the next
@@ -140,7 +141,9 @@ def worker(a) -> None:
                 [x for _ in range(a.nocache_repeats) for x in time_steps(system, ids[1], p, 0, a.nocache_steps)])
     else:
         for n in lens:
-            res["first_token"][str(n)] = summarize([time_first_token(system, ids[1], n) for _ in range(a.repeats)])
+            time_first_token(system, ids[1], n)                                   # untimed: this shape's first run
+            res["first_token"][str(n)] = summarize([time_first_token(system, ids[1], n)
+                                                    for _ in range(a.prompt_repeats)])
         for p in positions:
             res["decode"].setdefault("1", {})[str(p)] = summarize(
                 [x for _ in range(a.repeats) for x in time_steps(system, ids[1], p, a.warmup, a.steps)])
@@ -150,8 +153,9 @@ def worker(a) -> None:
                     [x for _ in range(a.batch_repeats) for x in time_steps(system, ids[b], bpos, a.warmup, a.steps)])
         if a.worker == "kvcache-infer":
             for n in [n for n in lens if n > a.chunk]:
+                chunked_prefill(system, ids[1], n, a.chunk)                       # untimed, as above
                 res["prefill_chunked"][str(n)] = summarize([chunked_prefill(system, ids[1], n, a.chunk)
-                                                            for _ in range(a.repeats)])
+                                                            for _ in range(a.prompt_repeats)])
             res["memory"] = memory_sweep(system.model, a.mem_seq_lens, a.batches)
     if a.worker.startswith("kvcache-infer"):
         res["weight_bytes_per_step"], res["file_bytes"] = weight_bytes_per_step(system.model.dir)
@@ -201,7 +205,8 @@ def aggregate(config: str, results: dict[str, list[dict]], a) -> dict:
            "systems": {n: rs[0]["info"] for n, rs in ok.items() if rs}, "failed": failed,
            "workload": {"positions": a.positions, "batches": a.batches, "batch_position": a.batch_position,
                         "prompt_lens": a.prompt_lens, "contexts": a.contexts, "warmup": a.warmup, "steps": a.steps,
-                        "repeats": a.repeats, "batch_repeats": a.batch_repeats, "chunk": a.chunk, "seed": a.seed,
+                        "repeats": a.repeats, "prompt_repeats": a.prompt_repeats, "batch_repeats": a.batch_repeats,
+                        "chunk": a.chunk, "seed": a.seed,
                         "tokens": "random prompt ids, then greedy picks (EOS ignored)"},
            "first_token": {}, "decode": {}, "prefill_chunked": {}, "bandwidth": {}, "noisy": [],
            "per_round": {n: rs for n, rs in results.items()}}
@@ -292,6 +297,7 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="sequences per cell in one process (default 3)")
+    ap.add_argument("--prompt-repeats", type=int, default=5, help="timed prompts per first-token cell (default 5)")
     ap.add_argument("--batch-repeats", type=int, default=2)
     ap.add_argument("--nocache-steps", type=int, default=2)
     ap.add_argument("--nocache-repeats", type=int, default=1)
@@ -322,7 +328,7 @@ def main(argv=None) -> None:
                 "--positions", *map(str, a.positions), "--batches", *map(str, a.batches), "--batch-position",
                 str(a.batch_position), "--prompt-lens", *map(str, a.prompt_lens), "--chunk", str(a.chunk),
                 "--contexts", *map(str, a.contexts), "--warmup", str(a.warmup), "--steps", str(a.steps), "--repeats",
-                str(a.repeats), "--batch-repeats", str(a.batch_repeats), "--nocache-steps", str(a.nocache_steps),
+                str(a.repeats), "--prompt-repeats", str(a.prompt_repeats), "--batch-repeats", str(a.batch_repeats), "--nocache-steps", str(a.nocache_steps),
                 "--nocache-repeats", str(a.nocache_repeats), "--mem-seq-lens", *map(str, a.mem_seq_lens)]
         print(f"\n== {config}: {len(names)} systems x {a.rounds} rounds, each alone in its own process", flush=True)
         results = run_rounds("benchmarks.suite", {n: [n, *args] for n in names}, a.rounds, timeout=3600)
