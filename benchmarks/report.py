@@ -70,9 +70,9 @@ def markdown(r: dict) -> str:
     if fnames:
         lens = sorted({int(n) for s in ft.values() for n in s})
         ch = r["prefill_chunked"].get("kvcache-infer", {})
-        lines += ["", ("**First token** (prefill + first pick, batch 1), ms by prompt length; ours computes the "
-                  "lm_head for the last position only" + (f"; last column: ours fed in chunks of {w['chunk']}"
-                                                           if ch else "") + ":"), "",
+        lines += ["", ("**First token** (prefill + first pick, batch 1), ms by prompt length; ours runs the last "
+                  "layer's MLP and the lm_head for the last position only"
+                  + (f"; last column: ours fed in chunks of {w['chunk']}" if ch else "") + ":"), "",
                   "| prompt | " + " | ".join(fnames) + (" | ours, chunked |" if ch else " |"),
                   "|---" * (len(fnames) + 1 + bool(ch)) + "|"]
         for n in lens:

@@ -17,7 +17,7 @@ E = hidden, N heads, D = E/N, C = cache capacity chosen by the caller, V = vocab
       qkv  = x @ Wqkv + bqkv                                      # [T,3E], Q pre-scaled
       a    = GroupQueryAttention(qkv[padded_tokens], past_key_i, past_value_i, ...)   # [B,S,E]
       (last layer: h = h[logits_index], token_cells = token_cells[logits_index]: [R,...] from here)
-      h    = h + a[token_cells] @ Wo + bo ; x = LN2(h)            # [T,E]; bias adds fold into Gemms
+      h    = h + a[token_cells] @ Wo + bo ; x = LN2(h)            # [T,E]; fp32/fp16: ORT folds bias adds into Gemm
       h    = h + act(x @ Wfc + bfc) @ Wp + bp                     # the next layer's Add
     logits = LN_f(h) @ wte^T                                      # [R,V]: only the rows asked for
     next_token = argmax(logits, -1)                               # [R] int64, for greedy decoding
@@ -183,11 +183,12 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
         where these two took 61 us and 0.38 ms (ORT 1.32, 2 threads); one row costs the same. ORT's
         optimizer leaves the pair unfused in this graph (checked at ORT_ENABLE_ALL)."""
         (h,) = g.node("Add", [x_in, skip], name=name + "/residual")
-        (x,) = g.node("LayerNormalization", [h, weight(name + "/gamma", ln + ".weight"), weight(name + "/beta", ln + ".bias")],
-                      name=name, axis=-1, epsilon=eps)
+        gamma, beta = weight(name + "/gamma", ln + ".weight"), weight(name + "/beta", ln + ".bias")
+        (x,) = g.node("LayerNormalization", [h, gamma, beta], name=name, axis=-1, epsilon=eps)
         return x, h
 
-    def biased(y: str, b: str | None) -> str:        # y + b, right after y's MatMul (ORT folds it into a Gemm)
+    def biased(y: str, b: str | None) -> str:   # y + b right after y's MatMul: ORT folds it into a Gemm (not
+                                                # after MatMulNBits: quantized graphs keep the Add)
         return g.node("Add", [y, b], name=y.split("/out")[0] + "_bias")[0] if b else y
 
     x_in, skip, bias = tok, posv, None  # the next norm's operands: LN(x_in + bias + skip)

@@ -39,7 +39,7 @@ def hf_model_from_export(old: Path):
     act = next((a for op, a in ACTIVATION_OF_OP.items() if op in ops), None)
     ln = next((n for n in graph.node if n.op_type in ("SkipLayerNormalization", "LayerNormalization")), None)
     if act is None or ln is None or "wte" not in w:
-        raise ValueError(f"{old}: not a graph written by this exporter (no wte / known activation)")
+        raise ValueError(f"{old}: not a graph written by this exporter (no wte, known activation or LayerNorm)")
     eps = next((a.f for a in ln.attribute if a.name == "epsilon"), 1e-5)
     L, N, E = manifest["num_layers"], manifest["num_heads"], manifest["hidden_size"]
     D = E // N

@@ -249,12 +249,13 @@ class PackedRun(BoundRun):
         if S > self.max_chunk or T > self.max_tokens:
             raise KVCacheError(f"a run of {T} tokens with a chunk of {S} exceeds max_chunk={self.max_chunk}")
         # Batch invariance: ONNX Runtime takes other kernel paths for one row (MatMulNBits, for the
-        # tokens and for the lm_head's rows) and for a grid one column wide (GroupQueryAttention's
-        # decoding path), whose results differ in the last bits, and int8-quantized activations (int4
-        # graphs) turn that into ~1% of the logits. So a run has at least 2 tokens (a copy of a lone
-        # token, reading its row's attention output), 2 columns and 2 logits rows (the one repeated;
-        # callers see one): a row's numbers do not depend on what else is in the run (max_chunk >= 2;
-        # with max_chunk=1 there is no room for a second column and runs are not batch invariant).
+        # tokens and for the logits rows, which alone go through the last layer's MLP and the
+        # lm_head) and for a grid one column wide (GroupQueryAttention's decoding path), whose results
+        # differ in the last bits, and int8-quantized activations (int4 graphs) turn that into ~1% of
+        # the logits. So a run has at least 2 tokens (a copy of a lone token, reading its row's
+        # attention output), 2 columns and 2 logits rows (the one repeated; callers see one): a row's
+        # numbers do not depend on what else is in the run (max_chunk >= 2; with max_chunk=1 there is
+        # no room for a second column and runs are not batch invariant).
         dummy = T == 1 and self.max_chunk >= 2
         if S == 1 and self.max_chunk >= 2:
             S = 2
