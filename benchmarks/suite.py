@@ -328,7 +328,8 @@ def main(argv=None) -> None:
                 "--positions", *map(str, a.positions), "--batches", *map(str, a.batches), "--batch-position",
                 str(a.batch_position), "--prompt-lens", *map(str, a.prompt_lens), "--chunk", str(a.chunk),
                 "--contexts", *map(str, a.contexts), "--warmup", str(a.warmup), "--steps", str(a.steps), "--repeats",
-                str(a.repeats), "--prompt-repeats", str(a.prompt_repeats), "--batch-repeats", str(a.batch_repeats), "--nocache-steps", str(a.nocache_steps),
+                str(a.repeats), "--prompt-repeats", str(a.prompt_repeats), "--batch-repeats", str(a.batch_repeats),
+                "--nocache-steps", str(a.nocache_steps),
                 "--nocache-repeats", str(a.nocache_repeats), "--mem-seq-lens", *map(str, a.mem_seq_lens)]
         print(f"\n== {config}: {len(names)} systems x {a.rounds} rounds, each alone in its own process", flush=True)
         results = run_rounds("benchmarks.suite", {n: [n, *args] for n in names}, a.rounds, timeout=3600)

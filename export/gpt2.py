@@ -177,24 +177,24 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     (posv,) = g.node("Gather", [wpe, pos], name="embed/positions")               # [T,E]
 
     q_scale = 1.0 / np.sqrt(D) if getattr(config, "scale_attn_weights", True) else 1.0   # folded into Q: GQA scale 1
-    def add_norm(x_in: str, skip: str, ln: str, name: str) -> tuple[str, str]:
-        """(LN(x_in + skip), x_in + skip) as plain Add + LayerNormalization, not ORT's fused
+    def add_norm(x_in: str, bias: str | None, skip: str, ln: str, name: str) -> tuple[str, str]:
+        """(LN(x_in + bias + skip), x_in + bias + skip) as plain Add + LayerNormalization, not ORT's fused
         SkipLayerNormalization: its CPU kernel took 103 us for 32 rows and 1.2 ms for 512 rows of 768
         where these two took 61 us and 0.38 ms (ORT 1.32, 2 threads); one row costs the same. ORT's
-        optimizer leaves the pair unfused in this graph (checked at ORT_ENABLE_ALL)."""
+        optimizer leaves the pair unfused in this graph (checked at ORT_ENABLE_ALL). The bias is added
+        first, right after x_in's MatMul, so that ORT folds it into a Gemm (not after MatMulNBits:
+        quantized graphs keep that Add)."""
+        if bias is not None:
+            (x_in,) = g.node("Add", [x_in, bias], name=name + "/bias")
         (h,) = g.node("Add", [x_in, skip], name=name + "/residual")
         gamma, beta = weight(name + "/gamma", ln + ".weight"), weight(name + "/beta", ln + ".bias")
         (x,) = g.node("LayerNormalization", [h, gamma, beta], name=name, axis=-1, epsilon=eps)
         return x, h
 
-    def biased(y: str, b: str | None) -> str:   # y + b right after y's MatMul: ORT folds it into a Gemm (not
-                                                # after MatMulNBits: quantized graphs keep the Add)
-        return g.node("Add", [y, b], name=y.split("/out")[0] + "_bias")[0] if b else y
-
-    x_in, skip, bias = tok, posv, None  # the next norm's operands: LN(x_in + bias + skip)
+    x_in, skip, bias = tok, posv, None  # the next add_norm's operands
     for i in range(L):
         p = f"transformer.h.{i}."
-        x, h = add_norm(biased(x_in, bias), skip, p + "ln_1", f"h{i}/ln_1")
+        x, h = add_norm(x_in, bias, skip, p + "ln_1", f"h{i}/ln_1")
 
         layer_scale = q_scale / (i + 1) if getattr(config, "scale_attn_by_inverse_layer_idx", False) else q_scale
         w_qkv = w(p + "attn.c_attn.weight").copy()  # [E,3E], Conv1D: y = x @ W + b
@@ -212,16 +212,15 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
             outputs=[f"h{i}/attn/out", names["present_key"][i], names["present_value"][i]],
             num_heads=N, kv_num_heads=N, scale=1.0, do_rotary=0,
         )                                                                                            # [B,S,E]
+        rows = cells                                                                                 # [T,2]
         if i == L - 1:
             # The last layer's K/V need every token, but nothing after its attention does: from here on
             # only the rows whose logits were asked for (for a 32-token prompt, ~6% of the FLOPs).
-            (last_cells,) = g.node("Gather", [cells, keep], name="keep/cells", axis=0)              # [R,2]
-            (attn,) = g.node("GatherND", [attn, last_cells], name=f"h{i}/attn/unpad")               # [R,E]
+            (rows,) = g.node("Gather", [cells, keep], name="keep/cells", axis=0)                    # [R,2]
             (h,) = g.node("Gather", [h, keep], name="keep/residual", axis=0)                         # [R,E]
-        else:
-            (attn,) = g.node("GatherND", [attn, cells], name=f"h{i}/attn/unpad")                     # [T,E]
+        (attn,) = g.node("GatherND", [attn, rows], name=f"h{i}/attn/unpad")                          # [T|R,E]
         (proj,) = g.node("MatMul", [attn, weight(f"h{i}/attn/w_o", p + "attn.c_proj.weight")], name=f"h{i}/attn/proj")
-        x, h = add_norm(biased(proj, weight(f"h{i}/attn/b_o", p + "attn.c_proj.bias")), h, p + "ln_2", f"h{i}/ln_2")
+        x, h = add_norm(proj, weight(f"h{i}/attn/b_o", p + "attn.c_proj.bias"), h, p + "ln_2", f"h{i}/ln_2")
 
         (fc,) = g.node("MatMul", [x, weight(f"h{i}/mlp/w_fc", p + "mlp.c_fc.weight")], name=f"h{i}/mlp/fc")
         act = activation(g, fc, weight(f"h{i}/mlp/b_fc", p + "mlp.c_fc.bias"), f"h{i}/mlp/act", np_dtype)
@@ -231,7 +230,7 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
 
     # x_in, skip: [R,E]. ln_f and the lm_head too run on the kept rows only (the lm_head is ~31% of a
     # prompt's FLOPs on GPT-2 small when every position is computed).
-    x, _ = add_norm(biased(x_in, bias), skip, "transformer.ln_f", "ln_f")
+    x, _ = add_norm(x_in, bias, skip, "transformer.ln_f", "ln_f")
     out = [names["logits"]] if dtype == "float32" else None    # half precision: a Cast to fp32 follows
     if untied:                                                  # the head's own weight [V,E], stored once
         (lg,) = g.node("MatMul", [x, weight("lm_head/w", np.ascontiguousarray(w("lm_head.weight").T))],
