@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.gpt2 import GRAPH_REVISION
+
 from .common import environment, summarize
 from .floor import floor_ms, matvec_bandwidth, weight_bytes_per_step
 from .isolate import RESULTS, emit, out_dir, run_rounds
@@ -68,12 +70,18 @@ def ensure_exports(config: str, seed: int, root: Path, weights=()) -> tuple[Path
     if not (optimum / "model.onnx").is_file():
         _quietly([sys.executable, "-m", "benchmarks.optimum_export", "--config", config, "--seed", str(seed),
                   "--out", str(optimum)], f"exporting {config} (seed {seed}) through Optimum to {optimum}")
-    for path in [ours, *[root / f"{config}-{w}" for w in weights]]:
+    for path, w in [(ours, None), *[(root / f"{config}-{w}", w) for w in weights]]:
         m = json.loads((path / "manifest.json").read_text())
         src = m["source"]
         if src.get("config") != config or src.get("seed") != seed or m.get("tokens") != "packed":
             raise SystemExit(f"{path} holds {src} (tokens {m.get('tokens')}), not a current export of config {config} "
                              f"seed {seed}: move it away or pass --models-dir")
+        revision = m.get("exporter", {}).get("graph_revision")
+        if revision != GRAPH_REVISION:
+            redo = f"python -m export --config {config} --seed {seed} --out {path}" + (f" --weights {w}" if w else "")
+            raise SystemExit(f"{path} was exported with graph revision {revision or '2 or older (unrecorded)'}; this "
+                             f"version writes revision {GRAPH_REVISION}, so its timings would not be this version's. "
+                             f"Export it again ({redo}: replaces that export's files) or pass --models-dir")
     return ours, optimum
 
 

@@ -40,6 +40,13 @@ from .graph import MS_DOMAIN, ONNX_DTYPE, GraphBuilder
 
 OPSET = 17
 
+# Which graph this builder writes, recorded in every manifest: benchmarks refuse an export of another
+# revision, whose speed is not this version's. Any change to the nodes (not only to the I/O) takes a
+# new number; tests/test_export.py pins the node list of each revision and fails until it is bumped.
+#   2: packed tokens (format 2), SkipLayerNormalization, rows chosen for the logits before ln_f
+#   3: rows chosen right after the last layer's attention; Add + LayerNormalization
+GRAPH_REVISION = 3
+
 
 def _act_fused(op):
     return lambda g, x, b, name, dtype: g.node(op, [x, b], name=name, domain=MS_DOMAIN)[0]

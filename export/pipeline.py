@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-from .gpt2 import build_gpt2_graph
+from .gpt2 import GRAPH_REVISION, build_gpt2_graph
 from .parity import check_parity
 from .source import TOKENIZER_FILES
 
@@ -29,7 +29,7 @@ def _versions() -> dict:
     import onnxruntime
     import torch
     import transformers
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+    return {"graph_revision": GRAPH_REVISION, "torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
 
 

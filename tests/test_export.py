@@ -1,6 +1,7 @@
 """The exporter: a manifest that matches the graph, a compact graph, and loud parity failures."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -166,3 +167,38 @@ def test_from_export_upgrades_format1_to_packed_with_the_same_logits(tmp_path):
     eng = Engine(out, max_sequences=2, max_seq_len=16)
     s = eng.new_sequence()
     assert eng.step({s: [1, 2, 3]})[s].shape == (m["vocab_size"],)
+
+
+def _graph_fingerprint() -> str:
+    """sha256 of the node lists (ops, wiring, attributes; not weight values) of the graphs the builder
+    writes for tiny-a: fp32 with the tied head, fp32 with a MatMul head (what quantizers convert), fp16."""
+    from export.gpt2 import build_gpt2_graph
+    hf = make_hf("tiny-a")
+    state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    h = hashlib.sha256()
+    for dtype, head in (("float32", "tied"), ("float32", "matmul"), ("float16", "tied")):
+        model, _ = build_gpt2_graph(hf.config, state, dtype=dtype, lm_head=head)
+        for n in model.graph.node:
+            attrs = sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute)
+            h.update(repr((n.domain, n.op_type, list(n.input), list(n.output), attrs)).encode())
+        h.update(repr([(i.name, str(i.type)) for i in (*model.graph.input, *model.graph.output)]).encode())
+    return h.hexdigest()[:16]
+
+
+# The node lists each graph revision writes; a change to the graph fails here until GRAPH_REVISION
+# is bumped (benchmarks then refuse older exports instead of timing them as this version's).
+GRAPH_FINGERPRINTS = {3: "8abfd0250205989e"}
+
+
+def test_graph_revision_names_the_graph_the_builder_writes():
+    from export.gpt2 import GRAPH_REVISION
+    got = _graph_fingerprint()
+    assert GRAPH_FINGERPRINTS.get(GRAPH_REVISION) == got, (
+        f"the graph's nodes changed (fingerprint {got}): bump GRAPH_REVISION in export/gpt2.py "
+        f"(now {GRAPH_REVISION}) and pin the fingerprint here")
+
+
+def test_manifest_records_the_graph_revision(exported):
+    from export.gpt2 import GRAPH_REVISION
+    data = json.loads((exported["tiny-a"] / "manifest.json").read_text())
+    assert data["exporter"]["graph_revision"] == GRAPH_REVISION

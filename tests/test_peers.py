@@ -119,3 +119,17 @@ def test_targets_compare_with_the_best_peer_only():
     assert not c["first token (512-token prompt) vs best peer"]["met"]          # 520 / 700 > 0.72
     d["kvcache-infer"]["1"]["512"] = _cell(7.6)
     assert not suite.checks(r)["decode@512 vs best peer"]["met"]
+
+
+@pytest.mark.parametrize("exporter", [{}, {"graph_revision": 2}])
+def test_suite_refuses_an_export_of_another_graph_revision(tmp_path, exporter):
+    """An export left by an older version would time the older graph under this version's name."""
+    ours = tmp_path / "tiny"
+    ours.mkdir()
+    (tmp_path / "tiny-optimum").mkdir()
+    (tmp_path / "tiny-optimum" / "model.onnx").write_bytes(b"")
+    manifest = {"source": {"kind": "named-config", "config": "tiny", "seed": 0}, "tokens": "packed", "exporter": exporter}
+    (ours / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match=r"graph revision .*python -m export --config tiny --seed 0 --out"):
+        suite.ensure_exports("tiny", 0, tmp_path)
+    assert json.loads((ours / "manifest.json").read_text()) == manifest        # nothing of the user's touched
