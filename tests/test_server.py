@@ -170,10 +170,13 @@ def test_queue_limit_429_and_timeout_504(model):
             first = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=30)
             while not eng.scheduler.running:
                 time.sleep(0.01)
-            second = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=30)
-            while not eng.scheduler.waiting:
-                time.sleep(0.01)
-            with eng.lock:                     # no step meanwhile: the first cannot finish, the second waits
+            # No step from here until the third is answered: the first cannot finish, the second waits.
+            # The lock is taken before the second arrives: taking it can wait for the engine thread
+            # (it re-takes it tick after tick), and the second's 1.5 s must not run out meanwhile.
+            with eng.lock:
+                second = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=30)
+                while not eng.scheduler.waiting:
+                    time.sleep(0.01)
                 third = httpx.post(srv.url + "/v1/completions", json=body)
             assert third.status_code == 429 and third.headers["retry-after"]
             # 250 tokens take longer than 1.5 s here only on a slow machine; either way nothing hangs
