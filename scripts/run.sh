@@ -15,7 +15,7 @@ echo "== the default model (pybytes), sampled (seeded), streamed =="
 .venv/bin/kvcache-infer generate --prompt $'class Queue:\n    def __init__(self' \
     --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 1 --threads 2
 echo
-echo "== exports (GPT-2 small and the tiny config, ours and Optimum's; made when missing) =="
+echo "== exports (GPT-2 small and the tiny config, ours and Optimum's; made when missing; an older graph stops the job) =="
 $PY -m benchmarks.suite --exports-only
 echo "== the Engine: 48 requests of different lengths, against sequential decoding and batched peers =="
 $PY -m benchmarks.serving --model models/gpt2 --rounds "$ROUNDS" --systems engine-16 engine-8 sequential hf-static genai-static
