@@ -61,27 +61,36 @@ def _quietly(cmd: list[str], what: str) -> None:
 
 
 def ensure_exports(config: str, seed: int, root: Path, weights=()) -> tuple[Path, Path]:
-    """Our export at root/CONFIG (and root/CONFIG-int8 ... per `weights`), Optimum's at root/CONFIG-optimum."""
+    """Our export at root/CONFIG (and root/CONFIG-int8 ... per `weights`), Optimum's at root/CONFIG-optimum.
+    Makes the missing ones; refuses (naming every command that fixes it) exports of ours that are of
+    another config or of another graph revision than this version writes, before making anything."""
     ours, optimum = root / config, root / f"{config}-optimum"
-    for out, w in [(ours, None), *[(root / f"{config}-{w}", w) for w in weights]]:
+    exports = [(ours, None), *[(root / f"{config}-{w}", w) for w in weights]]
+    stale = []
+    for path, w in exports:
+        if not (path / "manifest.json").is_file():
+            continue
+        m = json.loads((path / "manifest.json").read_text())
+        src = m.get("source") or {}
+        if src.get("config") != config or src.get("seed") != seed or m.get("tokens") != "packed":
+            raise SystemExit(f"{path} holds {src} (tokens {m.get('tokens')}), not a current export of config {config} "
+                             f"seed {seed}: move it away or pass --models-dir")
+        revision = (m.get("exporter") or {}).get("graph_revision")
+        if revision != GRAPH_REVISION:
+            redo = f"python -m export --config {config} --seed {seed} --out {path}" + (f" --weights {w}" if w else "")
+            stale.append(f"  {path}: graph revision {revision or 'unrecorded (exported before revisions were recorded)'}"
+                         f"; export it again: {redo}")
+    if stale:
+        raise SystemExit(f"these exports are not of graph revision {GRAPH_REVISION}, the one this version writes, so "
+                         f"their timings would not be this version's (each command replaces only that export's "
+                         f"files; or pass --models-dir):\n" + "\n".join(stale))
+    for out, w in exports:
         if not (out / "manifest.json").is_file():
             _quietly([sys.executable, "-m", "export", "--config", config, "--seed", str(seed), "--out", str(out),
                       *(["--weights", w] if w else [])], f"exporting {config} (seed {seed}{', ' + w if w else ''}) to {out}")
     if not (optimum / "model.onnx").is_file():
         _quietly([sys.executable, "-m", "benchmarks.optimum_export", "--config", config, "--seed", str(seed),
                   "--out", str(optimum)], f"exporting {config} (seed {seed}) through Optimum to {optimum}")
-    for path, w in [(ours, None), *[(root / f"{config}-{w}", w) for w in weights]]:
-        m = json.loads((path / "manifest.json").read_text())
-        src = m["source"]
-        if src.get("config") != config or src.get("seed") != seed or m.get("tokens") != "packed":
-            raise SystemExit(f"{path} holds {src} (tokens {m.get('tokens')}), not a current export of config {config} "
-                             f"seed {seed}: move it away or pass --models-dir")
-        revision = m.get("exporter", {}).get("graph_revision")
-        if revision != GRAPH_REVISION:
-            redo = f"python -m export --config {config} --seed {seed} --out {path}" + (f" --weights {w}" if w else "")
-            raise SystemExit(f"{path} was exported with graph revision {revision or '2 or older (unrecorded)'}; this "
-                             f"version writes revision {GRAPH_REVISION}, so its timings would not be this version's. "
-                             f"Export it again ({redo}: replaces that export's files) or pass --models-dir")
     return ours, optimum
 
 

@@ -170,24 +170,30 @@ def test_from_export_upgrades_format1_to_packed_with_the_same_logits(tmp_path):
 
 
 def _graph_fingerprint() -> str:
-    """sha256 of the node lists (ops, wiring, attributes; not weight values) of the graphs the builder
-    writes for tiny-a: fp32 with the tied head, fp32 with a MatMul head (what quantizers convert), fp16."""
+    """sha256 of what the builder writes, weight values aside: every node (op, wiring, attributes),
+    every initializer's name, type and shape, the I/O and the opsets, for tiny-a (gelu_new, tied head)
+    with a tied and a MatMul head (what quantizers convert) and in fp16, and for tiny-b (BiasGelu,
+    attention scaled by the inverse layer index)."""
     from export.gpt2 import build_gpt2_graph
-    hf = make_hf("tiny-a")
-    state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
     h = hashlib.sha256()
-    for dtype, head in (("float32", "tied"), ("float32", "matmul"), ("float16", "tied")):
+    for name, dtype, head in (("tiny-a", "float32", "tied"), ("tiny-a", "float32", "matmul"),
+                              ("tiny-a", "float16", "tied"), ("tiny-b", "float32", "tied")):
+        hf = make_hf(name)
+        state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
         model, _ = build_gpt2_graph(hf.config, state, dtype=dtype, lm_head=head)
         for n in model.graph.node:
             attrs = sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute)
             h.update(repr((n.domain, n.op_type, list(n.input), list(n.output), attrs)).encode())
-        h.update(repr([(i.name, str(i.type)) for i in (*model.graph.input, *model.graph.output)]).encode())
+        h.update(repr([(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer]).encode())
+        io = [(v.name, v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+              for v in (*model.graph.input, *model.graph.output)]
+        h.update(repr((io, sorted((o.domain, o.version) for o in model.opset_import), model.ir_version)).encode())
     return h.hexdigest()[:16]
 
 
 # The node lists each graph revision writes; a change to the graph fails here until GRAPH_REVISION
 # is bumped (benchmarks then refuse older exports instead of timing them as this version's).
-GRAPH_FINGERPRINTS = {3: "8abfd0250205989e"}
+GRAPH_FINGERPRINTS = {3: "07beb054d39a7b00"}
 
 
 def test_graph_revision_names_the_graph_the_builder_writes():

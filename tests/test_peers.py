@@ -130,6 +130,12 @@ def test_suite_refuses_an_export_of_another_graph_revision(tmp_path, exporter):
     (tmp_path / "tiny-optimum" / "model.onnx").write_bytes(b"")
     manifest = {"source": {"kind": "named-config", "config": "tiny", "seed": 0}, "tokens": "packed", "exporter": exporter}
     (ours / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SystemExit, match=r"graph revision .*python -m export --config tiny --seed 0 --out"):
-        suite.ensure_exports("tiny", 0, tmp_path)
-    assert json.loads((ours / "manifest.json").read_text()) == manifest        # nothing of the user's touched
+    (tmp_path / "tiny-int4").mkdir()
+    (tmp_path / "tiny-int4" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match=r"graph revision") as e:
+        suite.ensure_exports("tiny", 0, tmp_path, weights=["int4"])
+    msg = str(e.value)
+    assert f"python -m export --config tiny --seed 0 --out {ours}\n" in msg + "\n"          # every stale one named
+    assert f"python -m export --config tiny --seed 0 --out {tmp_path / 'tiny-int4'} --weights int4" in msg
+    for d in ("tiny", "tiny-int4"):                                             # nothing of the user's touched
+        assert json.loads((tmp_path / d / "manifest.json").read_text()) == manifest

@@ -175,7 +175,10 @@ def test_queue_limit_429_and_timeout_504(model):
             # (it re-takes it tick after tick), and the second's 1.5 s must not run out meanwhile.
             with eng.lock:
                 second = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=30)
+                t0 = time.monotonic()
                 while not eng.scheduler.waiting:
+                    assert not second.done(), second.result().text
+                    assert time.monotonic() - t0 < 10, "the second request never reached the queue"
                     time.sleep(0.01)
                 third = httpx.post(srv.url + "/v1/completions", json=body)
             assert third.status_code == 429 and third.headers["retry-after"]
