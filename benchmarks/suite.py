@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -60,6 +61,11 @@ def _quietly(cmd: list[str], what: str) -> None:
         print("  " + ln.strip(), flush=True)
 
 
+def _export_args(config: str, seed: int, out: Path, weights: str | None) -> list[str]:
+    """`python -m export`'s arguments for our export of a named config (weights: None, "int8", "int4")."""
+    return ["--config", config, "--seed", str(seed), "--out", str(out), *(["--weights", weights] if weights else [])]
+
+
 def ensure_exports(config: str, seed: int, root: Path, weights=()) -> tuple[Path, Path]:
     """Our export at root/CONFIG (and root/CONFIG-int8 ... per `weights`), Optimum's at root/CONFIG-optimum.
     Makes the missing ones; refuses (naming every command that fixes it) exports of ours that are of
@@ -77,17 +83,16 @@ def ensure_exports(config: str, seed: int, root: Path, weights=()) -> tuple[Path
                              f"seed {seed}: move it away or pass --models-dir")
         revision = (m.get("exporter") or {}).get("graph_revision")
         if revision != GRAPH_REVISION:
-            redo = f"python -m export --config {config} --seed {seed} --out {path}" + (f" --weights {w}" if w else "")
             stale.append(f"  {path}: graph revision {revision or 'unrecorded (exported before revisions were recorded)'}"
-                         f"; export it again: {redo}")
+                         f"; export it again: python -m export {shlex.join(_export_args(config, seed, path, w))}")
     if stale:
         raise SystemExit(f"these exports are not of graph revision {GRAPH_REVISION}, the one this version writes, so "
                          f"their timings would not be this version's (each command replaces only that export's "
                          f"files; or pass --models-dir):\n" + "\n".join(stale))
     for out, w in exports:
         if not (out / "manifest.json").is_file():
-            _quietly([sys.executable, "-m", "export", "--config", config, "--seed", str(seed), "--out", str(out),
-                      *(["--weights", w] if w else [])], f"exporting {config} (seed {seed}{', ' + w if w else ''}) to {out}")
+            _quietly([sys.executable, "-m", "export", *_export_args(config, seed, out, w)],
+                     f"exporting {config} (seed {seed}{', ' + w if w else ''}) to {out}")
     if not (optimum / "model.onnx").is_file():
         _quietly([sys.executable, "-m", "benchmarks.optimum_export", "--config", config, "--seed", str(seed),
                   "--out", str(optimum)], f"exporting {config} (seed {seed}) through Optimum to {optimum}")

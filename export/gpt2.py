@@ -42,7 +42,8 @@ OPSET = 17
 
 # Which graph this builder writes, recorded in every manifest: benchmarks refuse an export of another
 # revision, whose speed is not this version's. Any change to the nodes (not only to the I/O) takes a
-# new number; tests/test_export.py pins the node list of each revision and fails until it is bumped.
+# new number; tests/test_export.py pins a fingerprint of the graphs it writes (nodes, initializer
+# shapes, I/O, opsets) and fails until it is bumped.
 #   2: packed tokens (format 2), SkipLayerNormalization, rows chosen for the logits before ln_f
 #   3: rows chosen right after the last layer's attention; Add + LayerNormalization
 GRAPH_REVISION = 3

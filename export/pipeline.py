@@ -29,8 +29,8 @@ def _versions() -> dict:
     import onnxruntime
     import torch
     import transformers
-    return {"graph_revision": GRAPH_REVISION, "torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
+    return {"graph_revision": GRAPH_REVISION, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
 
 
 # Export-time budgets for weight-only quantization (parity.check_parity): they separate quantization
