@@ -31,7 +31,9 @@ class Ours:
         self.capacity = capacity           # batch size -> max_seq_len to allocate for it
         self.infs: dict[int, KVCacheInferencer] = {}
         self.info = {"graph": str(path), "runtime": "KVCacheInferencer.next_tokens", "cache": "in place, preallocated",
-                     "provider": self.model.providers[0]}
+                     "provider": self.model.providers[0],
+                     "greedy_pick": "filtered head (int8 filter, exact fp32 rescoring)" if self.model.manifest.greedy_index
+                                    else "ArgMax of the logits rows"}
 
     def inferencer(self, batch: int) -> KVCacheInferencer:
         if batch not in self.infs:

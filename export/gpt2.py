@@ -9,6 +9,8 @@ E = hidden, N heads, D = E/N, C = cache capacity chosen by the caller, V = vocab
     padded_tokens [B,S] int64                                     packed token of each padded cell (pads: any)
     token_cells [T,2] int64                                       padded cell (b, s) of each packed token
     logits_index [R] int64                                        packed tokens whose logits are wanted
+    greedy_index [G] int64                                        packed tokens whose greedy pick is wanted
+                                                                  (fp32 graphs with the filtered head only)
     attention_bias [1|B,1,S,C]                                    added to the scores (zeros; tree masks)
 
     h  = wte[input_ids] + wpe[position_ids]                       # [T,E]
@@ -16,11 +18,14 @@ E = hidden, N heads, D = E/N, C = cache capacity chosen by the caller, V = vocab
       x    = LN1(h)                                               # Add + LayerNormalization
       qkv  = x @ Wqkv + bqkv                                      # [T,3E], Q pre-scaled
       a    = GroupQueryAttention(qkv[padded_tokens], past_key_i, past_value_i, ...)   # [B,S,E]
-      (last layer: h = h[logits_index], token_cells = token_cells[logits_index]: [R,...] from here)
+      (last layer: k = [logits_index, greedy_index]; h = h[k], token_cells = token_cells[k]: [R+G,...])
       h    = h + a[token_cells] @ Wo + bo ; x = LN2(h)            # [T,E]; fp32/fp16: ORT folds bias adds into Gemm
       h    = h + act(x @ Wfc + bfc) @ Wp + bp                     # the next layer's Add
-    logits = LN_f(h) @ wte^T                                      # [R,V]: only the rows asked for
-    next_token = argmax(logits, -1)                               # [R] int64, for greedy decoding
+    x = LN_f(h)                                                   # [R+G,E]
+    logits = x[:R] @ wte^T                                        # [R,V]: only the rows asked for
+    next_token = argmax(logits, -1)                               # [R] int64
+    greedy_token = argmax(x[R:] @ wte^T, -1)                      # [G] int64 without reading the fp32 head:
+                                                                  # export/greedy.py (R = 0 in a greedy step)
 
 The matmuls run on the T real tokens only; attention runs on the padded [B,S] grid, where GQA's
 `query_seqlens` makes padding cells and idle rows (query_lengths 0) cost nothing and write nothing.
@@ -37,6 +42,7 @@ import numpy as np
 from onnx import TensorProto
 
 from .graph import MS_DOMAIN, ONNX_DTYPE, GraphBuilder
+from .greedy import greedy_head
 
 OPSET = 17
 
@@ -46,7 +52,9 @@ OPSET = 17
 # shapes, I/O, opsets) and fails until it is bumped.
 #   2: packed tokens (format 2), SkipLayerNormalization, rows chosen for the logits before ln_f
 #   3: rows chosen right after the last layer's attention; Add + LayerNormalization
-GRAPH_REVISION = 3
+#   4: greedy_index / greedy_token: the exact greedy pick through an int8 filter (fp32 graphs with a big
+#      enough head); an untied fp32 head is stored [V,E] and run as FusedMatMul(transB), like the tied one
+GRAPH_REVISION = 4
 
 
 def _act_fused(op):
@@ -94,9 +102,11 @@ def io_names(n_layer: int) -> dict:
         "padded_tokens": "padded_tokens",
         "token_cells": "token_cells",
         "logits_index": "logits_index",
+        "greedy_index": "greedy_index",
         "attention_bias": "attention_bias",
         "logits": "logits",
         "next_token": "next_token",
+        "greedy_token": "greedy_token",
         "past_key": [f"past_key_{i}" for i in range(n_layer)],
         "past_value": [f"past_value_{i}" for i in range(n_layer)],
         "present_key": [f"present_key_{i}" for i in range(n_layer)],
@@ -124,17 +134,22 @@ def check_config(config) -> None:
         raise ValueError("unsupported GPT-2 configuration: " + "; ".join(problems))
 
 
-def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32", lm_head: str = "tied"):
+def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32", lm_head: str = "tied",
+                     greedy_filter: bool = False):
     """Returns (onnx.ModelProto, I/O names) for a GPT2LMHeadModel given its config and numpy state dict.
 
     `state` uses Hugging Face names (`transformer.h.0.attn.c_attn.weight`, ...). Weights, the KV
     cache and attention_bias are `dtype` ("float32" or "float16"); the logits output is float32.
-    lm_head "tied": FusedMatMul(transB=1) on wte itself (stored once); "matmul": a plain MatMul on a
-    transposed copy [E,V], the form weight-only quantizers convert (they skip other ops).
+    lm_head "tied": FusedMatMul(transB=1) on wte itself (stored once; an untied head on its own [V,E]
+    weight); "matmul": a plain MatMul on a transposed copy [E,V], the form weight-only quantizers
+    convert (they skip other ops). greedy_filter: add greedy_index/greedy_token (export/greedy.py;
+    fp32, lm_head "tied"); names then has them, else they are None.
     """
     check_config(config)
     if lm_head not in ("tied", "matmul"):
         raise ValueError(f"lm_head must be 'tied' or 'matmul', got {lm_head!r}")
+    if greedy_filter and (dtype != "float32" or lm_head != "tied"):
+        raise ValueError("the filtered greedy head needs float32 weights and lm_head='tied'")
     untied = "lm_head.weight" in state and not np.array_equal(state["lm_head.weight"], state["transformer.wte.weight"])
     np_dtype = np.dtype(dtype)
     et = ONNX_DTYPE[dtype]
@@ -144,6 +159,8 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     eps = float(config.layer_norm_epsilon)
     activation = ACTIVATIONS[getattr(config, "activation_function", "gelu_new")]
     names = io_names(L)
+    if not greedy_filter:
+        names["greedy_index"] = names["greedy_token"] = None
 
     def w(key: str) -> np.ndarray:
         return np.asarray(state[key], dtype=np.float32)
@@ -161,6 +178,8 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     padded = g.input(names["padded_tokens"], i64, ["rows", "chunk"])
     cells = g.input(names["token_cells"], i64, ["tokens", 2])
     keep = g.input(names["logits_index"], i64, ["logits_rows"])
+    if greedy_filter:
+        pick = g.input(names["greedy_index"], i64, ["greedy_rows"])
     bias_in = g.input(names["attention_bias"], et, ["bias_rows", 1, "chunk", "capacity"])
     for i in range(L):
         g.input(names["past_key"][i], et, ["rows", N, "capacity", D])
@@ -224,8 +243,11 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
         if i == L - 1:
             # The last layer's K/V need every token, but nothing after its attention does: from here on
             # only the rows whose logits were asked for (for a 32-token prompt, ~6% of the FLOPs).
-            (rows,) = g.node("Gather", [cells, keep], name="keep/cells", axis=0)                    # [R,2]
-            (h,) = g.node("Gather", [h, keep], name="keep/residual", axis=0)                         # [R,E]
+            kept = keep
+            if greedy_filter:
+                (kept,) = g.node("Concat", [keep, pick], name="keep/rows", axis=0)                   # [R+G]
+            (rows,) = g.node("Gather", [cells, kept], name="keep/cells", axis=0)                    # [R+G,2]
+            (h,) = g.node("Gather", [h, kept], name="keep/residual", axis=0)                         # [R+G,E]
         (attn,) = g.node("GatherND", [attn, rows], name=f"h{i}/attn/unpad")                          # [T|R,E]
         (proj,) = g.node("MatMul", [attn, weight(f"h{i}/attn/w_o", p + "attn.c_proj.weight")], name=f"h{i}/attn/proj")
         x, h = add_norm(proj, weight(f"h{i}/attn/b_o", p + "attn.c_proj.bias"), h, p + "ln_2", f"h{i}/ln_2")
@@ -238,21 +260,31 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
 
     # x_in, skip: [R,E]. ln_f and the lm_head too run on the kept rows only (the lm_head is ~31% of a
     # prompt's FLOPs on GPT-2 small when every position is computed).
-    x, _ = add_norm(x_in, bias, skip, "transformer.ln_f", "ln_f")
+    x, _ = add_norm(x_in, bias, skip, "transformer.ln_f", "ln_f")                                  # [R+G,E]
+    x_greedy = None
+    if greedy_filter:
+        (r,) = g.node("Shape", [keep], name="split/logits_rows")                                    # [1]: R
+        (x_greedy,) = g.node("Slice", [x, r, g.const_i64("const/int64_max", [2 ** 63 - 1]),
+                                       g.const_i64("const/axes0", [0])], name="split/greedy")       # [G,E]
+        (x,) = g.node("Slice", [x, g.const_i64("const/zero1", [0]), r, "const/axes0"], name="split/logits")  # [R,E]
     out = [names["logits"]] if dtype == "float32" else None    # half precision: a Cast to fp32 follows
-    if untied:                                                  # the head's own weight [V,E], stored once
-        (lg,) = g.node("MatMul", [x, weight("lm_head/w", np.ascontiguousarray(w("lm_head.weight").T))],
-                       name="lm_head", outputs=out)
-    elif lm_head == "tied":
-        (lg,) = g.node("FusedMatMul", [x, wte], name="lm_head", domain=MS_DOMAIN, outputs=out,
+    head_rows, head_values = wte, w("transformer.wte.weight")   # [V,E]
+    if untied and lm_head == "tied":                            # the head's own weight [V,E], stored once
+        head_values = w("lm_head.weight")
+        head_rows = weight("lm_head/w", head_values)
+    if lm_head == "tied":
+        (lg,) = g.node("FusedMatMul", [x, head_rows], name="lm_head", domain=MS_DOMAIN, outputs=out,
                        transA=0, transB=1, alpha=1.0)                                               # [R,V]
-    else:
-        w_head = weight("lm_head/w", np.ascontiguousarray(w("transformer.wte.weight").T))
-        (lg,) = g.node("MatMul", [x, w_head], name="lm_head", outputs=out)                         # [R,V]
+    else:                                                       # quantizers convert MatMul only
+        w_head = np.ascontiguousarray(w("lm_head.weight" if untied else "transformer.wte.weight").T)
+        (lg,) = g.node("MatMul", [x, weight("lm_head/w", w_head)], name="lm_head", outputs=out)   # [R,V]
     if out is None:
         g.node("Cast", [lg], name="logits_fp32", outputs=[names["logits"]], to=TensorProto.FLOAT)
     # Greedy decoding's next tokens, so that a greedy step need not copy logits rows to the host.
     g.node("ArgMax", [names["logits"]], name="next_token/argmax", outputs=[names["next_token"]], axis=-1, keepdims=0)
     g.output(names["next_token"], TensorProto.INT64, ["logits_rows"])
+    if greedy_filter:
+        greedy_head(g, x_greedy, head_rows, head_values, names["greedy_token"])                   # [G]
+        g.output(names["greedy_token"], TensorProto.INT64, ["greedy_rows"])
     model = g.build("gpt2_kvcache_packed", OPSET, producer="kvcache-infer export")
     return model, names

@@ -11,7 +11,9 @@ class ParityError(RuntimeError):
 def check_parity(hf_model, model_dir, *, prompt_len: int = 8, steps: int = 8, batch: int = 2,
                  rtol: float = 1e-4, seed: int = 1234, budget: dict | None = None) -> dict:
     """Decodes through KVCacheInferencer (the runtime path, shared past/present buffers) and
-    compares every step's last-position logits with GPT2LMHeadModel on the whole sequence.
+    compares every step's last-position logits with GPT2LMHeadModel on the whole sequence; then the
+    same tokens through next_tokens (the graph's greedy pick, export/greedy.py where it has one):
+    each pick's PyTorch logit must be within the tolerance of that position's best.
 
     Tolerance: max |ort - torch| <= rtol * max(1, max |torch logits|) (absolute 1e-4 for
     logits of order 1). With `budget` (quantized weights), a quality budget instead:
@@ -54,4 +56,15 @@ def check_parity(hf_model, model_dir, *, prompt_len: int = 8, steps: int = 8, ba
         raise ParityError(
             f"exported logits differ from GPT2LMHeadModel: max |diff| = {diff.max():.3e} > tolerance {tol:.3e} "
             f"(row {worst[0]}, position {prompt_len - 1 + worst[1]}, token {worst[2]})")
+    picker = KVCacheInferencer(inf.model, max_seq_len=total, batch_size=batch)
+    picks = [picker.next_tokens(tokens[:, :prompt_len])]
+    picks += [picker.next_tokens(tokens[:, t:t + 1]) for t in range(prompt_len, total)]
+    picks = np.stack(picks, axis=1)                 # [B, 1 + steps]
+    short = want.max(-1) - np.take_along_axis(want, picks[..., None], -1)[..., 0]   # >= 0
+    result["greedy_max_shortfall"] = float(short.max())
+    if not short.max() <= 2 * tol:
+        b, s = np.unravel_index(int(short.argmax()), short.shape)
+        raise ParityError(
+            f"the graph's greedy pick differs from GPT2LMHeadModel's argmax: token {picks[b, s]} at row {b}, position "
+            f"{prompt_len - 1 + s} scores {short.max():.3e} below the best (allowed: 2 x tolerance {tol:.3e})")
     return result

@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 from .gpt2 import GRAPH_REVISION, build_gpt2_graph
+from .greedy import wanted
 from .parity import check_parity
 from .source import TOKENIZER_FILES
 
@@ -87,30 +88,34 @@ def _publish(work: Path, out: Path) -> None:
 
 def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: Path | None = None,
                 dtype: str = "float32", parity_rtol: float = 1e-4, weights: str | None = None,
-                block_size: int = 128, symmetric: bool = True, force: bool = False, log=print) -> Path:
+                block_size: int = 128, symmetric: bool = True, greedy_head: str = "auto", force: bool = False,
+                log=print) -> Path:
     """Writes OUT/model.onnx and OUT/manifest.json for a GPT2LMHeadModel.
 
     OUT must be new, empty, a previous export of ours, or (force=True) any folder (check_out). Files
     are written to a fresh OUT.partial-* folder beside it and moved into OUT only after the parity
     check passes; on a failed check they stay in a fresh OUT.failed-* folder and ParityError
-    propagates. Returns OUT."""
+    propagates. greedy_head: "auto", "filter" or "argmax" (export/greedy.py). Returns OUT."""
+    cfg = hf_model.config
+    greedy = wanted(greedy_head, dtype=dtype, quantized=bool(weights), hidden=cfg.n_embd, vocab=cfg.vocab_size)
     out = Path(out_dir)
     mode = check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
     try:
         return _export(hf_model, out, work, mode, source=source, tokenizer_dir=tokenizer_dir, dtype=dtype,
-                       parity_rtol=parity_rtol, weights=weights, block_size=block_size, symmetric=symmetric, log=log)
+                       parity_rtol=parity_rtol, weights=weights, block_size=block_size, symmetric=symmetric,
+                       greedy=greedy, log=log)
     finally:
         if work.exists():
             shutil.rmtree(work)              # our own scratch folder: gone on any failure
 
 
 def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir, dtype, parity_rtol, weights,
-            block_size, symmetric, log) -> Path:
+            block_size, symmetric, greedy, log) -> Path:
     import onnx
 
-    from kvcache_infer.manifest import PACKED_INPUTS, Manifest
+    from kvcache_infer.manifest import GREEDY_IO, PACKED_INPUTS, Manifest
 
     cfg = hf_model.config
     E, N, L = cfg.n_embd, cfg.n_head, cfg.n_layer
@@ -118,7 +123,8 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
         f"{cfg.n_positions} positions, {sum(p.numel() for p in hf_model.parameters()) / 1e6:.1f}M params)")
     with _step("building the graph", log):
         state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
-        model, names = build_gpt2_graph(cfg, state, dtype=dtype, lm_head="matmul" if weights else "tied")
+        model, names = build_gpt2_graph(cfg, state, dtype=dtype, lm_head="matmul" if weights else "tied",
+                                        greedy_filter=greedy)
         del state
     quant = None
     if weights:
@@ -143,7 +149,7 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
         past_key=tuple(names["past_key"]), past_value=tuple(names["past_value"]),
         present_key=tuple(names["present_key"]), present_value=tuple(names["present_value"]),
         model_file=path.name, model_bytes=path.stat().st_size, tokens="packed",
-        **{n: names[n] for n in PACKED_INPUTS})
+        **{n: names[n] for n in PACKED_INPUTS + GREEDY_IO})
     record = manifest.to_json()
     record.update({"source": source, "exporter": _versions(),
                    "opset": next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import

@@ -6,18 +6,21 @@ import time
 import numpy as np
 
 
-def time_decode_steps(inf, ids: np.ndarray, position: int, warmup: int, steps: int) -> list[float]:
-    """Milliseconds of each one-token forward() at positions position .. position + steps - 1.
+def time_decode_steps(inf, ids: np.ndarray, position: int, warmup: int, steps: int,
+                      greedy: bool = False) -> list[float]:
+    """Milliseconds of each one-token step at positions position .. position + steps - 1: forward()
+    (the logits row), or with greedy next_tokens() (the greedy next token only).
 
     Resets `inf`, feeds ids[:position - warmup] as one chunk (untimed), `warmup` untimed single steps,
     then times `steps` single steps. ids needs position + steps entries."""
+    run = inf.next_tokens if greedy else inf.forward
     inf.reset_cache()
-    inf.forward(ids[:position - warmup])
+    run(ids[:position - warmup])
     for i in range(position - warmup, position):
-        inf.forward(ids[i:i + 1])
+        run(ids[i:i + 1])
     ms = []
     for i in range(position, position + steps):
         t = time.perf_counter()
-        inf.forward(ids[i:i + 1])
+        run(ids[i:i + 1])
         ms.append((time.perf_counter() - t) * 1e3)
     return ms

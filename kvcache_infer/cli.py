@@ -147,19 +147,22 @@ def cmd_bench(a) -> int:
         raise KVCacheError(f"no --positions value in {a.positions} leaves room for --steps {a.steps} within the model's "
                            f"{cap} positions (and each must be >= --warmup {a.warmup})")
     ids = np.random.default_rng(0).integers(0, V, size=cap)
+    greedy = a.output == "token"
+    run = inf.next_tokens if greedy else inf.forward
     first = []
     for _ in range(a.repeats):
         inf.reset_cache()
         t = time.perf_counter()
-        inf.forward(ids[:a.prompt_len])
+        run(ids[:a.prompt_len])
         first.append((time.perf_counter() - t) * 1e3)
-    res = {"model": a.model, "device": inf.device, "threads": a.threads, "dtype": inf.manifest.dtype,
+    res = {"model": a.model, "device": inf.device, "threads": a.threads, "dtype": inf.manifest.dtype, "output": a.output,
            "first_token_ms": {"prompt_len": a.prompt_len, "median": float(np.median(first)),
                               "min": float(min(first)), "max": float(max(first))}, "cached_token_ms": {}}
+    print(f"each run returns {'the greedy next token' if greedy else 'the logits row'} (--output {a.output})")
     print(f"first token ({a.prompt_len}-token prompt): median {np.median(first):.3f} ms "
           f"(min {min(first):.3f}, max {max(first):.3f})")
     for p in positions:
-        ms = [x for _ in range(a.repeats) for x in time_decode_steps(inf, ids, p, a.warmup, a.steps)]
+        ms = [x for _ in range(a.repeats) for x in time_decode_steps(inf, ids, p, a.warmup, a.steps, greedy)]
         res["cached_token_ms"][str(p)] = {"median": float(np.median(ms)), "min": float(min(ms)), "max": float(max(ms))}
         print(f"cached token at position {p:5d}: median {np.median(ms):.3f} ms (min {min(ms):.3f}, max {max(ms):.3f})")
     if a.json:
@@ -287,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=16, help="timed steps per position and repeat (default 16)")
     b.add_argument("--warmup", type=int, default=4, help="untimed steps before each timed run (default 4)")
     b.add_argument("--repeats", type=int, default=3, help="repeats (default 3)")
+    b.add_argument("--output", choices=["token", "logits"], default="token",
+                   help="what each timed run returns: 'token', the greedy next token (next_tokens(), what generate "
+                        "does at temperature 0 and what the comparison suite times; default), or 'logits', the last "
+                        "position's logits row (forward(), what sampling needs)")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.set_defaults(fn=cmd_bench)
 

@@ -36,7 +36,7 @@ import onnxruntime as ort
 
 from .batching import Scheduler
 from .cache import make_cache
-from .errors import CapacityError, InvalidInputError, ModelFormatError
+from .errors import CapacityError, InvalidInputError, KVCacheError, ModelFormatError
 from .metrics import EngineMemoryProfile
 from .model import Model
 from .prefix import RadixIndex
@@ -51,25 +51,33 @@ def _int_arg(name: str, value, low: int = 1) -> int:
 
 
 class StepOutput:
-    """What one Engine.advance() produced: per sequence, its logits rows and greedy next tokens.
-    Views into reused buffers, valid until the engine's next run; copy what you keep."""
+    """What one Engine.advance() produced: per sequence, its logits rows and greedy next tokens (for a
+    sequence advanced with pick: its greedy next token only). Views into reused buffers, valid until
+    the engine's next run; copy what you keep."""
 
-    def __init__(self, logits: np.ndarray, tokens: np.ndarray, rows: dict[Sequence, slice]):
-        self._logits, self._tokens, self._rows = logits, tokens, rows
+    def __init__(self, logits: np.ndarray, tokens: np.ndarray, rows: dict[Sequence, slice],
+                 picks: dict[Sequence, int] | None = None):
+        self._logits, self._tokens, self._rows, self._picks = logits, tokens, rows, picks or {}
 
     def __contains__(self, seq: Sequence) -> bool:
-        return seq in self._rows
+        return seq in self._rows or seq in self._picks
 
     def __iter__(self):
-        return iter(self._rows)
+        return iter([*self._rows, *self._picks])
 
     def logits(self, seq: Sequence) -> np.ndarray:
         """float32 [V] for a Sequence (its last new token), [n, V] for a TreeSequence (each new node)."""
+        if seq in self._picks:
+            raise KVCacheError("this sequence was advanced with pick (its greedy next token only): it has no "
+                               "logits row; advance it without pick to get logits")
         rows = self._logits[self._rows[seq]]
         return rows if isinstance(seq, TreeSequence) else rows[0]
 
     def next_token(self, seq: Sequence) -> int:
-        """The greedy next token of a Sequence (the graph's ArgMax: no logits row is read)."""
+        """The greedy next token of a Sequence (the graph's ArgMax or, with pick, its filtered exact
+        pick: no logits row is read)."""
+        if seq in self._picks:
+            return self._picks[seq]
         return int(self._tokens[self._rows[seq]][-1])
 
     def next_tokens(self, seq: Sequence) -> np.ndarray:
@@ -301,51 +309,70 @@ class Engine:
         out = self.advance(feeds)
         return {seq: np.array(out.logits(seq)) for seq in out}
 
-    def advance(self, feeds) -> StepOutput:
-        """step() without the copies: a StepOutput of views (logits rows, greedy next tokens)."""
+    def advance(self, feeds, pick=()) -> StepOutput:
+        """step() without the copies: a StepOutput of views (logits rows, greedy next tokens). pick: the
+        Sequences (not trees) that need only their greedy next token: with a graph that has the
+        filtered greedy head (export --greedy-head) their logits rows are not computed, ~3 ms less
+        per step on GPT-2 small; their StepOutput.logits() raises either way."""
         with self.lock:
             items = self._check_feeds(feeds)
+            pick = set(pick)
+            trees = [s for s in pick if isinstance(s, TreeSequence)]
+            if trees or not pick <= {seq for seq, _, _ in items}:
+                raise InvalidInputError("pick must name Sequences (not TreeSequences) that this step advances")
             taken: set[int] = set()
             plans = [self._plan_adoption(seq, ids, True, taken) if parents is None else (seq.state.slot, 0, None, False)
                      for seq, ids, parents in items]
             pieces = max(-(-(len(ids) - plan[1]) // self.max_chunk) for (_, ids, _), plan in zip(items, plans))
             kept: dict[Sequence, list] = {}      # multi-run steps: the rows each sequence keeps, copied
+            final_picks: dict[Sequence, int] = {}
             for j in range(pieces):
                 chunks, owners = [], []
                 for (seq, ids, parents), (row, adopted, _, _) in zip(items, plans):
                     lo = adopted + j * self.max_chunk
                     if lo < len(ids):
                         hi = min(lo + self.max_chunk, len(ids))
-                        chunks.append(self._chunk(seq, row, ids, parents, lo, hi))
+                        chunks.append(self._chunk(seq, row, ids, parents, lo, hi, seq in pick))
                         tree = isinstance(seq, TreeSequence)
                         owners.append((seq, hi - lo if tree else 1, tree or hi == len(ids)))
-                logits, tokens = self.runner.ragged(chunks, max(c.row for c in chunks) + 1)
+                logits, tokens, picks = self.runner.ragged(chunks, max(c.row for c in chunks) + 1)
                 self.stats["runs"] += 1
-                rows, r = {}, 0
-                for seq, k, keep in owners:
+                rows, picked, r, g = {}, {}, 0, 0
+                for (seq, k, keep), c in zip(owners, chunks):
+                    if c.pick and self.runner.picks:   # the graph picked it: no logits row
+                        if keep:
+                            picked[seq] = int(picks[g])
+                        g += 1
+                        continue
                     if keep:
                         rows[seq] = slice(r, r + k)
                     r += k
+                for seq in pick - picked.keys():        # a graph without greedy_index: the row's ArgMax
+                    if seq in rows:
+                        picked[seq] = int(tokens[rows.pop(seq)][-1])
                 if pieces == 1:
-                    result = StepOutput(logits, tokens, rows)
+                    result = StepOutput(logits, tokens, rows, picked)
                 else:
                     for seq, sl in rows.items():
                         kept.setdefault(seq, []).append((np.array(logits[sl]), np.array(tokens[sl])))
+                    final_picks.update(picked)
             if pieces > 1:
                 order = list(kept)
                 sizes = [sum(len(t) for _, t in kept[s]) for s in order]
                 ends = np.cumsum(sizes)
-                result = StepOutput(np.concatenate([lg for s in order for lg, _ in kept[s]]),
-                                    np.concatenate([t for s in order for _, t in kept[s]]),
-                                    {s: slice(int(e - k), int(e)) for s, k, e in zip(order, sizes, ends)})
+                V = self.manifest.vocab_size
+                result = StepOutput(np.concatenate([lg for s in order for lg, _ in kept[s]] or [np.zeros((0, V), np.float32)]),
+                                    np.concatenate([t for s in order for _, t in kept[s]] or [np.zeros(0, np.int64)]),
+                                    {s: slice(int(e - k), int(e)) for s, k, e in zip(order, sizes, ends)},
+                                    final_picks)
             self._commit(items, plans)
             return result
 
-    def _chunk(self, seq, row, ids, parents, lo, hi) -> Chunk:
+    def _chunk(self, seq, row, ids, parents, lo, hi, pick: bool = False) -> Chunk:
         """Tokens [lo, hi) of a sequence's new ids as one run's chunk (a tree: with positions = depths
         and its ancestor mask)."""
         if not isinstance(seq, TreeSequence):
-            return Chunk(row, ids[lo:hi], seq.position + lo)
+            return Chunk(row, ids[lo:hi], seq.position + lo, pick=pick)
         depths = seq.new_depths(parents[:hi])[lo:hi]
         anc = seq.ancestors(list(parents[:hi]), seq.position)[lo:hi]       # [hi - lo, position + hi]
         return Chunk(row, ids[lo:hi], seq.position + lo, positions=depths, all_logits=True, ancestors=anc)

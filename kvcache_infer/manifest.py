@@ -25,6 +25,7 @@ DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}   # 
 ORT_TYPE_TO_DTYPE = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 # The extra inputs of a packed graph, in manifest order (docs/manifest.md says what each holds).
 PACKED_INPUTS = ("cache_lengths", "query_lengths", "padded_tokens", "token_cells", "logits_index", "attention_bias")
+GREEDY_IO = ("greedy_index", "greedy_token")   # optional in packed graphs: both or neither
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Manifest:
     token_cells: str | None = None      # packed: [T,2] int64, padded cell (b, s) of each packed token
     logits_index: str | None = None     # packed: [R] int64, packed tokens whose logits are computed
     attention_bias: str | None = None   # packed: [1|B,1,S,C] dtype, added to the attention scores
+    greedy_index: str | None = None     # packed, optional: [G] int64, packed tokens whose greedy pick is wanted
+    greedy_token: str | None = None     # packed, optional: [G] int64, their picks (no logits computed)
 
     @property
     def cache_bytes_per_token(self) -> int:
@@ -74,8 +77,10 @@ class Manifest:
 
     @property
     def packed_inputs(self) -> tuple[str, ...]:
-        """The packed graph's row inputs ((): a padded graph)."""
-        return tuple(getattr(self, n) for n in PACKED_INPUTS) if self.tokens == "packed" else ()
+        """The packed graph's row inputs, greedy_index included where the graph has it ((): a padded graph)."""
+        if self.tokens != "packed":
+            return ()
+        return tuple(getattr(self, n) for n in PACKED_INPUTS) + ((self.greedy_index,) if self.greedy_index else ())
 
     def to_json(self) -> dict:
         return {
@@ -112,6 +117,7 @@ class Manifest:
                 "present_key": list(self.present_key),
                 "present_value": list(self.present_value),
                 **{n: getattr(self, n) for n in PACKED_INPUTS if self.tokens == "packed"},
+                **{n: getattr(self, n) for n in GREEDY_IO if getattr(self, n)},
             },
         }
 
@@ -140,7 +146,7 @@ class Manifest:
                 present_key=tuple(io["present_key"]), present_value=tuple(io["present_value"]),
                 model_file=data.get("model_file", "model.onnx"), model_bytes=data.get("model_bytes"),
                 source=source, tokens=str(data.get("tokens", "padded")),
-                **{n: io.get(n) for n in PACKED_INPUTS},
+                **{n: io.get(n) for n in PACKED_INPUTS + GREEDY_IO},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"{source}: malformed manifest ({type(e).__name__}: {e})") from None
@@ -168,6 +174,10 @@ class Manifest:
                 bad.append("a packed graph needs the inplace cache layout")
             if not self.position_ids:
                 bad.append("a packed graph needs position_ids")
+        if bool(self.greedy_index) != bool(self.greedy_token):
+            bad.append("greedy_index and greedy_token come together (one is named, the other is not)")
+        elif self.greedy_index and self.tokens != "packed":
+            bad.append("greedy_index/greedy_token are I/O of packed graphs only")
         for name in ("past_key", "past_value", "present_key", "present_value"):
             if len(getattr(self, name)) != self.num_layers:
                 bad.append(f"{len(getattr(self, name))} {name} names for {self.num_layers} layers")
@@ -186,7 +196,8 @@ class Manifest:
         Raises ModelFormatError listing every missing name and every contradicting dimension."""
         need_in = [self.input_ids, *self.past_key, *self.past_value]
         need_in += [n for n in (self.position_ids, self.attention_mask, *self.packed_inputs) if n]
-        need_out = [self.logits, *self.present_key, *self.present_value] + ([self.next_token] if self.next_token else [])
+        need_out = [self.logits, *self.present_key, *self.present_value]
+        need_out += [n for n in (self.next_token, self.greedy_token) if n]
         missing = [f"input {n!r}" for n in need_in if n not in inputs]
         missing += [f"output {n!r}" for n in need_out if n not in outputs]
         if missing:

@@ -1,7 +1,8 @@
 """Bound runs: the objects that know which buffers a kind of graph run binds and what to write per call.
 
     PaddedRun   graphs whose ids are [B, S] (format 1, and Optimum's growing layout): rows in lockstep
-    PackedRun   packed-token graphs (format 2): any rows, any chunk lengths, logits only where asked
+    PackedRun   packed-token graphs (format 2): any rows, any chunk lengths, logits only where asked;
+                a greedy lockstep run of a graph with greedy_index asks for no logits at all (R = 0)
 
 Both offer `lockstep(ids [B, n], greedy, all_positions)` (what KVCacheInferencer needs); PackedRun
 also offers `ragged(chunks, rows)` (what the Engine needs). The hot path writes ids, positions and
@@ -136,6 +137,8 @@ class Chunk(NamedTuple):
     positions: np.ndarray | None = None     # [n] position ids (default start .. start + n - 1)
     all_logits: bool = False                # logits for every new token (default: the last one)
     ancestors: np.ndarray | None = None     # [n, start + n] bool: which tokens each new one may see (trees)
+    pick: bool = False                      # only the last token's greedy next token, no logits row
+                                            # (graphs with greedy_index; others compute the row anyway)
 
 
 class PackedRun(BoundRun):
@@ -168,21 +171,30 @@ class PackedRun(BoundRun):
         self._big: tuple[HostArray, HostArray] | None = None           # outputs of a run with R > max_logits
         self._logits = HostArray(max_logits * m.vocab_size, np.float32)
         self._next = HostArray(max_logits, np.int64)
+        # Graphs with greedy_index pick a greedy step's tokens without computing logits rows (G rows;
+        # G = 0 in runs that want logits).
+        self._greedy = (HostArray(max(rows, 2), np.int64), HostArray(max(rows, 2), np.int64)) if m.greedy_index else None
         self._arange = np.arange(max(self.max_tokens, C + max_chunk), dtype=np.int64)   # positions, indices
         self._neg = np.finfo(m.np_dtype).min
         self.io = model.session.io_binding()
         self._bound = None        # the shapes of the current bindings
         self._views = (None, None, None)   # (R, logits [R,V], next tokens [R]) views of the outputs
-        self._lockstep = None     # (B, n, all_positions) whose constant inputs are in place
+        self._lockstep = None     # (B, n, all_positions, greedy) whose constant inputs are in place
+
+    @property
+    def picks(self) -> bool:
+        """Whether pick chunks and greedy lockstep runs skip the logits rows (the graph has greedy_index)."""
+        return self._greedy is not None
 
     @property
     def io_bytes(self) -> int:
         arrays = [self._ids, self._pos, self._cache_len, self._q_len, self._padded, self._cells, self._keep,
                   self._zero_bias, self._logits, self._next] + ([self._tree_bias] if self._tree_bias else [])
+        arrays += list(self._greedy or ())
         return sum(a.nbytes for a in arrays)
 
-    def _bind(self, T: int, B: int, S: int, R: int, tree: bool) -> None:
-        key = (T, B, S, R, tree)
+    def _bind(self, T: int, B: int, S: int, R: int, tree: bool, G: int = 0) -> None:
+        key = (T, B, S, R, tree, G)
         if key == self._bound:
             return
         m, io, C = self.m, self.io, self.cache.capacity
@@ -201,6 +213,9 @@ class PackedRun(BoundRun):
         logits, nxt = self._big if R > self.max_logits else (self._logits, self._next)
         logits.bind_output(io, m.logits, [R, m.vocab_size])
         nxt.bind_output(io, m.next_token, [R])
+        if self._greedy:
+            self._greedy[0].bind_input(io, m.greedy_index, [G])
+            self._greedy[1].bind_output(io, m.greedy_token, [G])
         if self._bound is None or self._bound[1] != B:
             self.cache.bind(io, B)
         self._bound = key
@@ -214,26 +229,34 @@ class PackedRun(BoundRun):
     def lockstep(self, ids: np.ndarray, greedy: bool, all_positions: bool = False) -> np.ndarray:
         B, n = ids.shape
         T, P = B * n, self.cache.offset
-        R = T if all_positions else B
+        pick = greedy and self._greedy is not None and not all_positions   # tokens only: no logits rows
+        R = T if all_positions else 0 if pick else B
+        G = B if pick else 0
         if n > self.max_chunk:
             raise KVCacheError(f"a chunk of {n} tokens is longer than this run's max_chunk={self.max_chunk}")
-        if self._lockstep != (B, n, all_positions):
+        if self._lockstep != (B, n, all_positions, pick):
             ar = self._arange
             self._padded.array[:T] = ar[:T]
             cells = self._cells.view((B, n, 2))
             cells[..., 0] = ar[:B, None]
             cells[..., 1] = ar[:n]
-            self._keep.array[:R] = ar[:T] if all_positions else ar[n - 1:T:n]
+            last = ar[n - 1:T:n]                                        # each row's last token
+            if pick:
+                self._greedy[0].array[:G] = last
+            else:
+                self._keep.array[:R] = ar[:T] if all_positions else last
             self._q_len.array[:B] = n
-            self._lockstep = (B, n, all_positions)
+            self._lockstep = (B, n, all_positions, pick)
         self._ids.array[:T] = ids.reshape(-1)
         if n == 1:
             self._pos.array[:T] = P
         else:
             self._pos.view((B, n))[:] = self._arange[P:P + n]
         self._cache_len.array[:B] = P + n
-        self._bind(T, B, n, R, tree=False)
+        self._bind(T, B, n, R, tree=False, G=G)
         run_bound(self.model, self.io, f"{n} token(s) at position {P}")
+        if pick:
+            return self._greedy[1].array[:G].copy()                     # [B] int64
         logits, nxt = self._outputs(R)
         if greedy:
             return np.array(nxt)
@@ -242,8 +265,9 @@ class PackedRun(BoundRun):
     def ragged(self, chunks: list[Chunk], rows: int) -> tuple[np.ndarray, np.ndarray]:
         """One run over cache rows [0, rows): each chunk's tokens go to its row from its start on; rows
         without a chunk are idle (untouched, no cost in attention). Returns (logits [R, V], next tokens
-        [R]) for the last token of each chunk (every token of an all_logits chunk), in chunk order:
-        views valid until the next run. Does not commit."""
+        [R], picks [G]): logits rows and their argmax for the last token of each chunk (every token of
+        an all_logits chunk), except pick chunks of a graph with greedy_index, whose greedy next tokens
+        are the picks instead; each in chunk order; views valid until the next run. Does not commit."""
         S = max(len(c.ids) for c in chunks)
         T = sum(len(c.ids) for c in chunks)
         if S > self.max_chunk or T > self.max_tokens:
@@ -255,7 +279,8 @@ class PackedRun(BoundRun):
         # the logits. So a run has at least 2 tokens (a copy of a lone token, reading its row's
         # attention output), 2 columns and 2 logits rows (the one repeated; callers see one): a row's
         # numbers do not depend on what else is in the run (max_chunk >= 2; with max_chunk=1 there is
-        # no room for a second column and runs are not batch invariant).
+        # no room for a second column and runs are not batch invariant). Likewise a run of one picked
+        # row picks it twice.
         dummy = T == 1 and self.max_chunk >= 2
         if S == 1 and self.max_chunk >= 2:
             S = 2
@@ -274,7 +299,8 @@ class PackedRun(BoundRun):
                 self._tree_bias = HostArray(self.cache.rows * self.max_chunk * C, self.m.np_dtype)
             bias = self._tree_bias.view((rows, 1, S, C))
             bias[:] = 0
-        off = r = 0
+        picks = self._greedy[0].array if self._greedy else None
+        off = r = gr = 0
         for c in chunks:
             n = len(c.ids)
             ids[off:off + n] = c.ids
@@ -286,6 +312,9 @@ class PackedRun(BoundRun):
             if c.all_logits:
                 keep[r:r + n] = ar[off:off + n]
                 r += n
+            elif c.pick and picks is not None:
+                picks[gr] = off + n - 1
+                gr += 1
             else:
                 keep[r] = off + n - 1
                 r += 1
@@ -296,9 +325,12 @@ class PackedRun(BoundRun):
             T = 2
             ids[1], pos[1] = ids[0], pos[0]
             self._cells.view((T, 2))[1] = (chunks[0].row, 0)
-        kept = r
+        kept, picked = r, gr
         if r == 1 and self.max_logits >= 2 and self.max_tokens >= 2:
             keep[1], kept = keep[0], 2
-        self._bind(T, rows, S, kept, tree)
+        if r == 0 and gr == 1:
+            picks[1], picked = picks[0], 2
+        self._bind(T, rows, S, kept, tree, G=picked)
         run_bound(self.model, self.io, f"{T} token(s) over {len(chunks)} row(s)")
-        return self._outputs(r)
+        logits, nxt = self._outputs(r)
+        return logits, nxt, (self._greedy[1].array[:gr] if picks is not None else nxt[:0])

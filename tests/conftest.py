@@ -16,6 +16,9 @@ CONFIGS = {
     # weights 10x HF's default scale: logits far apart, so a wrong row or mask cannot hide in near-ties
     "tiny-wide": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=300, n_positions=64, initializer_range=0.2),
 }
+# How each export picks greedy tokens: "filter" (export/greedy.py, what GPT-2 small gets by default)
+# for two of them, so that every test of next_tokens/generate runs it; tiny-wide keeps the full head.
+GREEDY_HEAD = {"tiny-a": "filter", "tiny-b": "filter", "tiny-wide": "argmax"}
 ATOL = 1e-4  # fp32 logits vs PyTorch; logits here are O(1), so this is also ~1e-4 relative
 
 
@@ -39,7 +42,8 @@ def hf_models():
 def exported(hf_models, tmp_path_factory):
     """{config name: model dir} exported by our exporter (parity already checked at export)."""
     root = tmp_path_factory.mktemp("models")
-    return {name: export_gpt2(hf, root / name, source={"kind": "test", "config": name}, log=lambda s: None)
+    return {name: export_gpt2(hf, root / name, source={"kind": "test", "config": name},
+                              greedy_head=GREEDY_HEAD[name], log=lambda s: None)
             for name, hf in hf_models.items()}
 
 

@@ -289,10 +289,10 @@ def test_prompts_are_cut_at_the_same_offsets_alone_and_in_a_batch(path, rng):
     def cuts(eng, ps):
         fed, real = {}, eng.advance
 
-        def spy(feeds):
+        def spy(feeds, **kw):
             for seq, ids in dict(feeds).items():
                 fed.setdefault(seq, []).append(len(ids))
-            return real(feeds)
+            return real(feeds, **kw)
         eng.advance = spy
         reqs = [eng.submit(p, 4) for p in ps]
         while not all(r.done for r in reqs):

@@ -34,9 +34,12 @@ def test_graph_is_compact_and_stores_the_tied_embedding_once(exported):
     model = onnx.load(str(exported["tiny-a"] / "model.onnx"))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("GroupQueryAttention") == 2 and ops.count("LayerNormalization") == 5
-    assert not {"Concat", "Transpose", "Softmax"} & set(ops)      # no copy of the past, no unfused attention
-    sizes = sorted((int(np.prod(t.dims)) for t in model.graph.initializer), reverse=True)
-    assert sizes.count(1000 * 64) == 1                                # wte [V,E] once, used by Gather and lm_head
+    # no copy of the past, no unfused attention (the greedy head's Concat/Transpose are of its small
+    # per-row vectors; "keep/rows" joins the logits and greedy indices)
+    core = {n.op_type for n in model.graph.node if not n.name.startswith(("greedy/", "keep/rows"))}
+    assert not {"Concat", "Transpose", "Softmax"} & core
+    sizes = [int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    assert sizes.count(1000 * 64) == 1                    # fp32 wte [V,E] once: Gather, lm_head, greedy rows
     gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
     assert {a.name: a.f for a in gqa.attribute if a.name == "scale"} == {"scale": 1.0}
 
@@ -172,15 +175,16 @@ def test_from_export_upgrades_format1_to_packed_with_the_same_logits(tmp_path):
 def _graph_fingerprint() -> str:
     """sha256 of what the builder writes, weight values aside: every node (op, wiring, attributes),
     every initializer's name, type and shape, the I/O and the opsets, for tiny-a (gelu_new, tied head)
-    with a tied and a MatMul head (what quantizers convert) and in fp16, and for tiny-b (BiasGelu,
-    attention scaled by the inverse layer index)."""
+    with a tied and a MatMul head (what quantizers convert), in fp16 and with the filtered greedy head,
+    and for tiny-b (BiasGelu, attention scaled by the inverse layer index)."""
     from export.gpt2 import build_gpt2_graph
     h = hashlib.sha256()
-    for name, dtype, head in (("tiny-a", "float32", "tied"), ("tiny-a", "float32", "matmul"),
-                              ("tiny-a", "float16", "tied"), ("tiny-b", "float32", "tied")):
+    for name, dtype, head, greedy in (("tiny-a", "float32", "tied", False), ("tiny-a", "float32", "matmul", False),
+                                      ("tiny-a", "float16", "tied", False), ("tiny-a", "float32", "tied", True),
+                                      ("tiny-b", "float32", "tied", False)):
         hf = make_hf(name)
         state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
-        model, _ = build_gpt2_graph(hf.config, state, dtype=dtype, lm_head=head)
+        model, _ = build_gpt2_graph(hf.config, state, dtype=dtype, lm_head=head, greedy_filter=greedy)
         for n in model.graph.node:
             attrs = sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute)
             h.update(repr((n.domain, n.op_type, list(n.input), list(n.output), attrs)).encode())
@@ -193,7 +197,7 @@ def _graph_fingerprint() -> str:
 
 # The node lists each graph revision writes; a change to the graph fails here until GRAPH_REVISION
 # is bumped (benchmarks then refuse older exports instead of timing them as this version's).
-GRAPH_FINGERPRINTS = {3: "07beb054d39a7b00"}
+GRAPH_FINGERPRINTS = {3: "07beb054d39a7b00", 4: "ca8a788197d2c652"}
 
 
 def test_graph_revision_names_the_graph_the_builder_writes():

@@ -54,7 +54,7 @@ def test_logits_rows_asked_for_match_pytorch_in_one_ragged_run(name, hf_models, 
     inf = KVCacheInferencer(exported[name], max_seq_len=48, batch_size=3)
     run = inf.runner
     run.ragged([Chunk(2, c[:12], 0)], rows=3)                 # row 2 holds 12 tokens before the joint run
-    logits, nxt = run.ragged([Chunk(0, a, 0, all_logits=True), Chunk(1, b, 0), Chunk(2, c[12:], 12)], rows=3)
+    logits, nxt, _ = run.ragged([Chunk(0, a, 0, all_logits=True), Chunk(1, b, 0), Chunk(2, c[12:], 12)], rows=3)
     assert logits.shape == (9 + 1 + 1, V)
     np.testing.assert_allclose(logits[:9], hf_logits(hf, a[None])[0], atol=ATOL, rtol=0)
     np.testing.assert_allclose(logits[9], hf_logits(hf, b[None])[0, -1], atol=ATOL, rtol=0)
