@@ -7,6 +7,8 @@ beyond the caches), median of runs, with the same thread count as the systems be
 """
 from __future__ import annotations
 
+import json
+
 import time
 from pathlib import Path
 
@@ -41,10 +43,17 @@ def matvec_bandwidth(threads: int, mbytes: int = 200, runs: int = 30) -> dict:
 
 
 def weight_bytes_per_step(path: Path) -> tuple[int, int]:
-    """(bytes of weights a decode step reads, file size): initializers minus embedding tables."""
+    """(bytes of weights a greedy decode step reads, file size): initializers minus embedding tables.
+    In a graph with greedy_index (export/greedy.py) a greedy step computes no logits row, so the
+    lm_head (the node writing `logits`) reads nothing; the filter's int8 copy is read whole, and the
+    rows its rescoring gathers count as a table's."""
     m = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    io = json.loads((path / "manifest.json").read_text()).get("io", {}) if (path / "manifest.json").is_file() else {}
+    head_out = io.get("logits") if io.get("greedy_index") else None
     users: dict[str, set] = {}
     for n in m.graph.node:
+        if head_out in n.output:
+            continue
         for i, name in enumerate(n.input):
             users.setdefault(name, set()).add(n.op_type if i == 0 else n.op_type + "/other")
     # a table only embedding lookups read (one row per token); wte tied to the lm_head is read whole
