@@ -149,7 +149,7 @@ class Scheduler:
                     budget -= take
             if not feeds:
                 return []
-            out = eng.advance(feeds, pick=[r.seq for r in self.running if r.seq in feeds and r.sampler.greedy])
+            out = eng.advance(feeds)
             now = time.perf_counter()
             events = []
             for req in list(self.running):

@@ -207,6 +207,14 @@ def cmd_info(a) -> int:
           f"hidden {m.hidden_size}, vocab {m.vocab_size}, {m.max_positions} positions")
     print(f"precision  : weights {m.weights or m.dtype}, cache {m.dtype}, logits {m.logits_dtype}")
     print(f"cache      : {m.layout} layout, {m.cache_bytes_per_token} bytes per token, attention {m.attention}")
+    pick = ("filtered head: int8 filter, exact fp32 rescoring (greedy_index -> greedy_token)" if m.greedy_index
+            else "ArgMax of the logits rows" if m.next_token else "argmax of the logits, on the host")
+    print(f"greedy pick: {pick}")
+    try:
+        revision = json.loads((model.dir / "manifest.json").read_text()).get("exporter", {}).get("graph_revision")
+    except (OSError, ValueError, AttributeError):
+        revision = None
+    print(f"exported   : graph revision {revision}" if revision else "exported   : graph revision not recorded")
     print(f"tokenizer  : {'tokenizer.json' if (model.dir / 'tokenizer.json').is_file() else 'none (token ids only)'}")
     print("inputs     :")
     for x in model.session.get_inputs():

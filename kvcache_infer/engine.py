@@ -312,8 +312,12 @@ class Engine:
     def advance(self, feeds, pick=()) -> StepOutput:
         """step() without the copies: a StepOutput of views (logits rows, greedy next tokens). pick: the
         Sequences (not trees) that need only their greedy next token: with a graph that has the
-        filtered greedy head (export --greedy-head) their logits rows are not computed, ~3 ms less
-        per step on GPT-2 small; their StepOutput.logits() raises either way."""
+        filtered greedy head (export --greedy-head) their logits rows are not computed; their
+        StepOutput.logits() raises either way. Worth it for one or two picked sequences (on GPT-2
+        small, 2 threads: a run of one sequence 22.0 ms against 23.3); slower from ~4 (16 sequences:
+        61.8 against 49.1), which is why the Scheduler does not pick. A sequence's pick equals its
+        logits' argmax except in float-rounding near-ties, so picking is not bitwise batch invariant
+        across runs that pick and runs that do not."""
         with self.lock:
             items = self._check_feeds(feeds)
             pick = set(pick)
@@ -339,7 +343,7 @@ class Engine:
                 self.stats["runs"] += 1
                 rows, picked, r, g = {}, {}, 0, 0
                 for (seq, k, keep), c in zip(owners, chunks):
-                    if c.pick and self.runner.picks:   # the graph picked it: no logits row
+                    if c.pick and picks is not None:   # the graph picked it: no logits row
                         if keep:
                             picked[seq] = int(picks[g])
                         g += 1

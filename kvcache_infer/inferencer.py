@@ -105,7 +105,8 @@ class KVCacheInferencer:
                  top_p: float | None = None, seed: int | None = None, stop_ids=()):
         """Feeds `prompt` after what the cache holds and returns the new tokens: a list of ids for an id
         prompt, a string for a text prompt (needs the model's tokenizer.json). temperature 0 is greedy
-        (the next token comes from the graph's argmax; no logits row is copied). Stops after
+        (the next token comes from the graph: its filtered greedy head where the export has one, else
+        its argmax; no logits row is copied). Stops after
         max_new_tokens or after a token in stop_ids (included). Each step is a forward(): on an error the
         cache holds the prompt and the tokens generated so far. Call reset_cache() first for a new sequence."""
         out = self.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -180,8 +181,9 @@ class KVCacheInferencer:
 
     def next_tokens(self, token_ids) -> np.ndarray | int:
         """Like forward(), but returns the greedy next token instead of logits: an int for 1-D input,
-        a [batch_size] int64 array for 2-D input. Comes from the graph's argmax output where the model
-        has one (no logits row leaves the device), else from the logits. Changes in place exactly what
+        a [batch_size] int64 array for 2-D input. Comes from the graph's filtered greedy head where the
+        export has one (greedy_index: no logits row is computed), else its argmax output (no logits row
+        leaves the device), else from the logits. Changes in place exactly what
         forward() changes; on any error nothing observable changes."""
         with self._enter("next_tokens"):
             ids, squeeze = self._check_ids(token_ids)

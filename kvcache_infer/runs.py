@@ -25,6 +25,14 @@ from .manifest import DTYPES
 from .model import Model
 
 
+# Greedy lockstep runs of up to this many rows pick through the filtered head (greedy_index); more rows
+# compute their logits rows and take the graph's ArgMax. The filter's int8 MatMulNBits does not scale
+# with rows on an AVX2 CPU without VNNI (GPT-2 small's head, 2 threads: 1 row 4.0 ms against 6.5 for
+# the fp32 head and its ArgMax, 2 rows 4.7 against 8.1, 4 rows 8.1 against 7.5, 16 rows 30.7 against
+# 14.1).
+MAX_PICK_ROWS = 2
+
+
 def run_bound(model: Model, io: ort.IOBinding, what: str) -> None:
     try:
         model.session.run_with_iobinding(io)
@@ -182,11 +190,6 @@ class PackedRun(BoundRun):
         self._lockstep = None     # (B, n, all_positions, greedy) whose constant inputs are in place
 
     @property
-    def picks(self) -> bool:
-        """Whether pick chunks and greedy lockstep runs skip the logits rows (the graph has greedy_index)."""
-        return self._greedy is not None
-
-    @property
     def io_bytes(self) -> int:
         arrays = [self._ids, self._pos, self._cache_len, self._q_len, self._padded, self._cells, self._keep,
                   self._zero_bias, self._logits, self._next] + ([self._tree_bias] if self._tree_bias else [])
@@ -229,7 +232,7 @@ class PackedRun(BoundRun):
     def lockstep(self, ids: np.ndarray, greedy: bool, all_positions: bool = False) -> np.ndarray:
         B, n = ids.shape
         T, P = B * n, self.cache.offset
-        pick = greedy and self._greedy is not None and not all_positions   # tokens only: no logits rows
+        pick = greedy and self._greedy is not None and not all_positions and B <= MAX_PICK_ROWS  # no logits rows
         R = T if all_positions else 0 if pick else B
         G = B if pick else 0
         if n > self.max_chunk:
@@ -267,7 +270,9 @@ class PackedRun(BoundRun):
         without a chunk are idle (untouched, no cost in attention). Returns (logits [R, V], next tokens
         [R], picks [G]): logits rows and their argmax for the last token of each chunk (every token of
         an all_logits chunk), except pick chunks of a graph with greedy_index, whose greedy next tokens
-        are the picks instead; each in chunk order; views valid until the next run. Does not commit."""
+        are the picks instead (None: no picks; pick chunks then get logits rows like the others); each
+        in chunk order; views valid until the next run. Does not commit. Picks cost more than logits
+        rows from ~4 rows on (MAX_PICK_ROWS): callers pick for few rows."""
         S = max(len(c.ids) for c in chunks)
         T = sum(len(c.ids) for c in chunks)
         if S > self.max_chunk or T > self.max_tokens:
@@ -333,4 +338,4 @@ class PackedRun(BoundRun):
         self._bind(T, rows, S, kept, tree, G=picked)
         run_bound(self.model, self.io, f"{T} token(s) over {len(chunks)} row(s)")
         logits, nxt = self._outputs(r)
-        return logits, nxt, (self._greedy[1].array[:gr] if picks is not None else nxt[:0])
+        return logits, nxt, (self._greedy[1].array[:gr] if gr else None)

@@ -94,11 +94,12 @@ def test_export_cli_refuses_the_filter_for_a_quantized_export(tmp_path):
 
 def test_greedy_steps_equal_the_logits_argmax_alone_and_in_a_batch(exported, rng):
     """tiny-a has the filtered head: greedy steps (no logits rows computed) pick what forward()'s logits
-    say, for one sequence and for a batch, after a one-shot and a chunked prompt."""
+    say, for one sequence and for a batch, after a one-shot and a chunked prompt (3 rows: more than
+    MAX_PICK_ROWS, the logits' ArgMax)."""
     m = Model(exported["tiny-a"])
     assert m.manifest.greedy_index and m.manifest.greedy_token
     V = m.manifest.vocab_size
-    for B in (1, 3):
+    for B in (1, 2, 3):
         picker = KVCacheInferencer(m, max_seq_len=64, batch_size=B)
         scorer = KVCacheInferencer(m, max_seq_len=64, batch_size=B)
         prompt = rng.integers(0, V, (B, 20))
