@@ -8,7 +8,6 @@ beyond the caches), median of runs, with the same thread count as the systems be
 from __future__ import annotations
 
 import json
-
 import time
 from pathlib import Path
 
@@ -42,23 +41,24 @@ def matvec_bandwidth(threads: int, mbytes: int = 200, runs: int = 30) -> dict:
     return {"bytes": int(w.nbytes), "median_ms": med, "GB_per_s": w.nbytes / med / 1e6, "runs": runs}
 
 
-def weight_bytes_per_step(path: Path) -> tuple[int, int]:
-    """(bytes of weights a greedy decode step reads, file size): initializers minus embedding tables.
-    In a graph with greedy_index (export/greedy.py) a greedy step computes no logits row, so the
-    lm_head (the node writing `logits`) reads nothing; the filter's int8 copy is read whole, and the
-    rows its rescoring gathers count as a table's."""
+def weight_bytes_per_step(path: Path, picks: bool = True) -> tuple[int, int]:
+    """(bytes of weights a decode step reads, file size): initializers minus embedding tables. picks:
+    the step is a greedy run that picks through greedy_index (export/greedy.py; KVCacheInferencer does
+    for up to runs.MAX_PICK_ROWS rows): it computes no logits row, so the lm_head (the node writing
+    `logits`) reads nothing, the filter's int8 copy is read whole and the rows its rescoring gathers
+    count as a table's. Without picks (more rows, or forward()) the filter's nodes read nothing."""
     m = onnx.load(str(path / "model.onnx"), load_external_data=False)
     io = json.loads((path / "manifest.json").read_text()).get("io", {}) if (path / "manifest.json").is_file() else {}
-    head_out = io.get("logits") if io.get("greedy_index") else None
+    filtered = bool(io.get("greedy_index"))
     users: dict[str, set] = {}
     for n in m.graph.node:
-        if head_out in n.output:
+        if filtered and (io.get("logits") in n.output if picks else n.name.startswith("greedy/")):
             continue
         for i, name in enumerate(n.input):
             users.setdefault(name, set()).add(n.op_type if i == 0 else n.op_type + "/other")
     # a table only embedding lookups read (one row per token); wte tied to the lm_head is read whole
     tables = {name for name, ops in users.items() if ops and ops <= set(EMBEDDING_OPS)}
-    total = sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer if t.name not in tables)
+    total = sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer if t.name in users and t.name not in tables)
     return total, (path / "model.onnx").stat().st_size
 
 

@@ -32,7 +32,8 @@ class Ours:
         self.infs: dict[int, KVCacheInferencer] = {}
         self.info = {"graph": str(path), "runtime": "KVCacheInferencer.next_tokens", "cache": "in place, preallocated",
                      "provider": self.model.providers[0],
-                     "greedy_pick": "filtered head (int8 filter, exact fp32 rescoring)" if self.model.manifest.greedy_index
+                     "greedy_pick": "filtered head (int8 filter, exact fp32 rescoring) up to 2 rows; ArgMax of the logits rows above"
+                                    if self.model.manifest.greedy_index
                                     else "ArgMax of the logits rows"}
 
     def inferencer(self, batch: int) -> KVCacheInferencer:

@@ -45,7 +45,7 @@ def main() -> None:
     for p in a.models:
         model = Model(p, intra_op_threads=a.threads, session_options=session_options(a.threads))
         infs[str(p)] = KVCacheInferencer(model, max_seq_len=cap)
-        wb, fb = weight_bytes_per_step(p)
+        wb, fb = weight_bytes_per_step(p, picks=False)           # forward(): logits rows
         data = json.loads((p / "manifest.json").read_text())
         info[str(p)] = {"weights": data.get("weights", data["dtype"]), "quantization": data.get("quantization"),
                         "file_bytes": fb, "weight_bytes_per_step": wb,

@@ -40,6 +40,8 @@ import numpy as np
 from export.gpt2 import GRAPH_REVISION
 
 from .common import environment, summarize
+from kvcache_infer.runs import MAX_PICK_ROWS
+
 from .floor import floor_ms, matvec_bandwidth, weight_bytes_per_step
 from .isolate import RESULTS, emit, out_dir, run_rounds
 from .peers import GenAI, HFEager, NoCache, OptimumORT, Ours, PlainOrtLoop, hf_model_for
@@ -181,6 +183,7 @@ def worker(a) -> None:
             res["memory"] = memory_sweep(system.model, a.mem_seq_lens, a.batches)
     if a.worker.startswith("kvcache-infer"):
         res["weight_bytes_per_step"], res["file_bytes"] = weight_bytes_per_step(system.model.dir)
+        res["weight_bytes_per_logits_step"], _ = weight_bytes_per_step(system.model.dir, picks=False)
         res["kv_bytes_per_token"] = system.model.manifest.cache_bytes_per_token
     probes += [matvec_bandwidth(a.threads)["GB_per_s"] for _ in range(3)]
     res["bandwidth_GB_per_s"] = {"probes": probes, "median": float(np.median(probes)),
@@ -247,12 +250,15 @@ def aggregate(config: str, results: dict[str, list[dict]], a) -> dict:
                 s = over_rounds([r["decode"][b][p] for r in rs])
                 s["tokens_per_s"] = int(b) * 1e3 / s["median_ms"]
                 if "weight_bytes_per_step" in rs[0]:
-                    floors = [floor_ms(r["weight_bytes_per_step"], r["kv_bytes_per_token"], int(p), int(b),
+                    # batches above MAX_PICK_ROWS compute logits rows: they read the fp32 head, not the filter
+                    key = "weight_bytes_per_step" if int(b) <= MAX_PICK_ROWS else "weight_bytes_per_logits_step"
+                    key = key if key in rs[0] else "weight_bytes_per_step"
+                    floors = [floor_ms(r[key], r["kv_bytes_per_token"], int(p), int(b),
                                        r["bandwidth_GB_per_s"]["median"]) for r in rs]
                     s["floor_ms"] = float(np.median(floors))
                     s["fraction_of_floor"] = float(np.median([f / r["decode"][b][p]["median_ms"]
                                                               for f, r in zip(floors, rs)]))
-                    s["bytes_read"] = rs[0]["weight_bytes_per_step"] + rs[0]["kv_bytes_per_token"] * int(p) * int(b)
+                    s["bytes_read"] = rs[0][key] + rs[0]["kv_bytes_per_token"] * int(p) * int(b)
                 res["decode"].setdefault(name, {}).setdefault(b, {})[p] = s
         if "weight_bytes_per_step" in rs[0]:
             res["model"]["variants"][name] = {"file_bytes": rs[0]["file_bytes"],

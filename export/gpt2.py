@@ -25,7 +25,7 @@ E = hidden, N heads, D = E/N, C = cache capacity chosen by the caller, V = vocab
     logits = x[:R] @ wte^T                                        # [R,V]: only the rows asked for
     next_token = argmax(logits, -1)                               # [R] int64
     greedy_token = argmax(x[R:] @ wte^T, -1)                      # [G] int64 without reading the fp32 head:
-                                                                  # export/greedy.py (R = 0 in a greedy step)
+                                                                  # export/greedy.py (R = 0 in a greedy step of <= 2 rows)
 
 The matmuls run on the T real tokens only; attention runs on the padded [B,S] grid, where GQA's
 `query_seqlens` makes padding cells and idle rows (query_lengths 0) cost nothing and write nothing.

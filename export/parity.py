@@ -13,7 +13,8 @@ def check_parity(hf_model, model_dir, *, prompt_len: int = 8, steps: int = 8, ba
     """Decodes through KVCacheInferencer (the runtime path, shared past/present buffers) and
     compares every step's last-position logits with GPT2LMHeadModel on the whole sequence; then the
     same tokens through next_tokens (the graph's greedy pick, export/greedy.py where it has one):
-    each pick's PyTorch logit must be within the tolerance of that position's best.
+    each pick's PyTorch logit must be within 2 x the tolerance of that position's best (full-precision
+    exports; quantized ones are checked against the budget only).
 
     Tolerance: max |ort - torch| <= rtol * max(1, max |torch logits|) (absolute 1e-4 for
     logits of order 1). With `budget` (quantized weights), a quality budget instead:

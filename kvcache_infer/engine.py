@@ -81,6 +81,9 @@ class StepOutput:
         return int(self._tokens[self._rows[seq]][-1])
 
     def next_tokens(self, seq: Sequence) -> np.ndarray:
+        """The greedy next token of each new token's row ([1] for a Sequence)."""
+        if seq in self._picks:
+            return np.array([self._picks[seq]], np.int64)
         return self._tokens[self._rows[seq]]
 
 
@@ -320,7 +323,10 @@ class Engine:
         across runs that pick and runs that do not."""
         with self.lock:
             items = self._check_feeds(feeds)
-            pick = set(pick)
+            try:
+                pick = {pick} if isinstance(pick, Sequence) else set(pick)
+            except TypeError:
+                raise InvalidInputError(f"pick takes an iterable of Sequences, got {type(pick).__name__}") from None
             trees = [s for s in pick if isinstance(s, TreeSequence)]
             if trees or not pick <= {seq for seq, _, _ in items}:
                 raise InvalidInputError("pick must name Sequences (not TreeSequences) that this step advances")
@@ -336,7 +342,7 @@ class Engine:
                     lo = adopted + j * self.max_chunk
                     if lo < len(ids):
                         hi = min(lo + self.max_chunk, len(ids))
-                        chunks.append(self._chunk(seq, row, ids, parents, lo, hi, seq in pick))
+                        chunks.append(self._chunk(seq, row, ids, parents, lo, hi, seq in pick and hi == len(ids)))
                         tree = isinstance(seq, TreeSequence)
                         owners.append((seq, hi - lo if tree else 1, tree or hi == len(ids)))
                 logits, tokens, picks = self.runner.ragged(chunks, max(c.row for c in chunks) + 1)

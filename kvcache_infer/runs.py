@@ -187,7 +187,7 @@ class PackedRun(BoundRun):
         self.io = model.session.io_binding()
         self._bound = None        # the shapes of the current bindings
         self._views = (None, None, None)   # (R, logits [R,V], next tokens [R]) views of the outputs
-        self._lockstep = None     # (B, n, all_positions, greedy) whose constant inputs are in place
+        self._lockstep = None     # (B, n, all_positions, pick) whose constant inputs are in place
 
     @property
     def io_bytes(self) -> int:

@@ -159,6 +159,7 @@ def test_engine_pick_gives_the_greedy_token_without_logits(exported, rng, name):
         out, want = eng.advance(feeds, pick=pick), ref.step(rfeeds)
         for s, r in ((a, ra), (b, rb), (c, rc)):
             assert out.next_token(s) == int(want[r].argmax())
+            np.testing.assert_array_equal(out.next_tokens(s), [out.next_token(s)])
             if s in pick:
                 with pytest.raises(KVCacheError, match="advanced with pick"):
                     out.logits(s)
@@ -166,8 +167,10 @@ def test_engine_pick_gives_the_greedy_token_without_logits(exported, rng, name):
                 np.testing.assert_allclose(out.logits(s), want[r], atol=1e-5)
         feeds = {s: [out.next_token(s)] for s in (a, b, c)}
         rfeeds = {r: feeds[s] for s, r in ((a, ra), (b, rb), (c, rc))}
-    only = eng.advance({a: [1]}, pick=[a])                    # one picked row alone in a run
+    only = eng.advance({a: [1]}, pick=a)                      # one picked row alone; a bare handle
     assert only.next_token(a) == int(ref.step({ra: [1]})[ra].argmax())
+    with pytest.raises(InvalidInputError, match="iterable of Sequences"):
+        eng.advance({a: [2]}, pick=3)
     for bad in ([b], [eng.new_tree()]):                        # b is not in this step; a tree
         with pytest.raises(InvalidInputError, match="pick must name"):
             eng.advance({a: [2]}, pick=bad)
