@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .parity import ParityError
     from .pipeline import OutputFolderError, check_out, export_gpt2
-    from .source import load_source
+    from .source import load_reference, load_source
 
     try:
         check_out(Path(args.out), args.force)          # before any work
@@ -70,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             tok_dir = old
         else:
             hf, desc, tok_dir = load_source(model=args.model, config=args.config, seed=args.seed)
+        # a checkpoint is checked against itself as its own class loads it, not against `hf`
+        reference = load_reference(args.model) if args.model else None
         export_gpt2(hf, args.out, source=desc, tokenizer_dir=tok_dir, dtype=args.dtype, parity_rtol=args.parity_rtol,
                     weights=args.weights, block_size=args.block_size, symmetric=not args.asymmetric,
-                    greedy_head=args.greedy_head, force=args.force, log=lambda s: print(s, flush=True))
+                    greedy_head=args.greedy_head, force=args.force, reference=reference,
+                    log=lambda s: print(s, flush=True))
         if args.from_export and not args.weights:
             print(f"against {old}: max |logit diff| {check_against_old(old, Path(args.out)):.2e}", flush=True)
     except ParityError as e:

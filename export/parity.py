@@ -1,4 +1,4 @@
-"""The exported model against GPT2LMHeadModel: a batched prompt, then single-token steps."""
+"""The exported model against its PyTorch reference: a batched prompt, then single-token steps."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +11,7 @@ class ParityError(RuntimeError):
 def check_parity(hf_model, model_dir, *, prompt_len: int = 8, steps: int = 8, batch: int = 2,
                  rtol: float = 1e-4, seed: int = 1234, budget: dict | None = None) -> dict:
     """Decodes through KVCacheInferencer (the runtime path, shared past/present buffers) and
-    compares every step's last-position logits with GPT2LMHeadModel on the whole sequence; then the
+    compares every step's last-position logits with `hf_model` (the reference) on the whole sequence; then the
     same tokens through next_tokens (the graph's greedy pick, export/greedy.py where it has one):
     each pick's PyTorch logit must be within 2 x the tolerance of that position's best (full-precision
     exports; quantized ones are checked against the budget only).
@@ -55,7 +55,7 @@ def check_parity(hf_model, model_dir, *, prompt_len: int = 8, steps: int = 8, ba
         return result
     if not diff.max() <= tol:
         raise ParityError(
-            f"exported logits differ from GPT2LMHeadModel: max |diff| = {diff.max():.3e} > tolerance {tol:.3e} "
+            f"exported logits differ from {type(hf_model).__name__}: max |diff| = {diff.max():.3e} > tolerance {tol:.3e} "
             f"(row {worst[0]}, position {prompt_len - 1 + worst[1]}, token {worst[2]})")
     picker = KVCacheInferencer(inf.model, max_seq_len=total, batch_size=batch)
     picks = [picker.next_tokens(tokens[:, :prompt_len])]
@@ -66,6 +66,6 @@ def check_parity(hf_model, model_dir, *, prompt_len: int = 8, steps: int = 8, ba
     if not short.max() <= 2 * tol:
         b, s = np.unravel_index(int(short.argmax()), short.shape)
         raise ParityError(
-            f"the graph's greedy pick differs from GPT2LMHeadModel's argmax: token {picks[b, s]} at row {b}, position "
+            f"the graph's greedy pick differs from {type(hf_model).__name__}'s argmax: token {picks[b, s]} at row {b}, position "
             f"{prompt_len - 1 + s} scores {short.max():.3e} below the best (allowed: 2 x tolerance {tol:.3e})")
     return result

@@ -89,13 +89,15 @@ def _publish(work: Path, out: Path) -> None:
 def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: Path | None = None,
                 dtype: str = "float32", parity_rtol: float = 1e-4, weights: str | None = None,
                 block_size: int = 128, symmetric: bool = True, greedy_head: str = "auto", force: bool = False,
-                log=print) -> Path:
+                reference=None, log=print) -> Path:
     """Writes OUT/model.onnx and OUT/manifest.json for a GPT2LMHeadModel.
 
     OUT must be new, empty, a previous export of ours, or (force=True) any folder (check_out). Files
     are written to a fresh OUT.partial-* folder beside it and moved into OUT only after the parity
     check passes; on a failed check they stay in a fresh OUT.failed-* folder and ParityError
-    propagates. greedy_head: "auto", "filter" or "argmax" (export/greedy.py). Returns OUT."""
+    propagates. greedy_head: "auto", "filter" or "argmax" (export/greedy.py). reference: the model the
+    parity check compares with, for a checkpoint the checkpoint as its own class loads it
+    (source.load_reference); default hf_model itself (seeded random weights). Returns OUT."""
     cfg = hf_model.config
     greedy = wanted(greedy_head, dtype=dtype, quantized=bool(weights), hidden=cfg.n_embd, vocab=cfg.vocab_size)
     out = Path(out_dir)
@@ -105,14 +107,14 @@ def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: P
     try:
         return _export(hf_model, out, work, mode, source=source, tokenizer_dir=tokenizer_dir, dtype=dtype,
                        parity_rtol=parity_rtol, weights=weights, block_size=block_size, symmetric=symmetric,
-                       greedy=greedy, log=log)
+                       greedy=greedy, reference=hf_model if reference is None else reference, log=log)
     finally:
         if work.exists():
             shutil.rmtree(work)              # our own scratch folder: gone on any failure
 
 
 def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir, dtype, parity_rtol, weights,
-            block_size, symmetric, greedy, log) -> Path:
+            block_size, symmetric, greedy, reference, log) -> Path:
     import onnx
 
     from kvcache_infer.manifest import GREEDY_IO, PACKED_INPUTS, Manifest
@@ -164,14 +166,14 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
                 copied.append(name)
     # The reference is what HF computes for this config: its eager attention (the default sdpa path
     # ignores scale_attn_weights=False and scale_attn_by_inverse_layer_idx in transformers 4.57).
-    if hasattr(hf_model, "set_attn_implementation"):
-        hf_model.set_attn_implementation("eager")
+    if hasattr(reference, "set_attn_implementation"):
+        reference.set_attn_implementation("eager")
     else:
-        hf_model.config._attn_implementation = "eager"
+        reference.config._attn_implementation = "eager"
     what = f"quality budget {QUALITY_BUDGET[weights]}" if weights else "parity"
-    with _step(f"{what} against GPT2LMHeadModel (prompt + single-token steps, batch 2)", log):
+    with _step(f"{what} against {type(reference).__name__} (prompt + single-token steps, batch 2)", log):
         try:
-            parity = check_parity(hf_model, work, rtol=parity_rtol,
+            parity = check_parity(reference, work, rtol=parity_rtol,
                                   budget=QUALITY_BUDGET[weights] if weights else None)
         except Exception:
             failed = Path(tempfile.mkdtemp(prefix=out.name + ".failed-", dir=out.parent))
