@@ -42,7 +42,8 @@ def main() -> None:
     starts = rng.integers(0, len(held) - a.ctx - 1, size=a.windows)
     res = {"environment": environment(a.threads), "data": {**info, "windows": a.windows, "ctx": a.ctx}, "models": {}}
     for path in a.models:
-        inf = KVCacheInferencer(Model(path, intra_op_threads=a.threads), max_seq_len=a.ctx)
+        model = Model(path, intra_op_threads=a.threads)
+        inf = KVCacheInferencer(model, max_seq_len=a.ctx)
         nll, n = 0.0, 0
         for s in tqdm(starts, desc=path.name, unit="window"):
             w = held[s:s + a.ctx].astype(np.int64)
@@ -56,9 +57,8 @@ def main() -> None:
         loss = nll / n
         res["models"][str(path)] = {"nats_per_byte": loss, "perplexity_per_byte": math.exp(loss),
                                     "bits_per_byte": loss / math.log(2), "bytes": n,
-                                    "file_bytes": (path / "model.onnx").stat().st_size}
-        print(f"{path}: {loss:.4f} nats/byte, perplexity {math.exp(loss):.3f}, "
-              f"{(path / 'model.onnx').stat().st_size / 1e6:.2f} MB")
+                                    "file_bytes": model.file.stat().st_size}
+        print(f"{path}: {loss:.4f} nats/byte, perplexity {math.exp(loss):.3f}, {model.file.stat().st_size / 1e6:.2f} MB")
     base = res["models"][str(a.models[0])]["perplexity_per_byte"]
     for v in res["models"].values():
         v["perplexity_vs_first"] = v["perplexity_per_byte"] / base

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                          "replaced, the others stay)")
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                     help="weights and KV cache precision (logits are float32 either way; default float32)")
-    ap.add_argument("--weights", choices=["int8", "int4"], default=None,
+    ap.add_argument("--weights", choices=["int8", "int4", "w8a8"], default=None,
                     help="weight-only quantization of every MatMul (lm_head included) and the embedding Gather "
                          "with ORT's MatMulNBits quantizer; activations and the KV cache stay in --dtype. The "
                          "export is then checked against a quality budget instead of equality (default: none)")

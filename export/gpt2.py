@@ -43,6 +43,7 @@ from onnx import TensorProto
 
 from .graph import MS_DOMAIN, ONNX_DTYPE, GraphBuilder
 from .greedy import greedy_head
+from .linear import make_gemms
 
 OPSET = 17
 
@@ -54,7 +55,8 @@ OPSET = 17
 #   3: rows chosen right after the last layer's attention; Add + LayerNormalization
 #   4: greedy_index / greedy_token: the exact greedy pick through an int8 filter (fp32 graphs with a big
 #      enough head); an untied fp32 head is stored [V,E] and run as FusedMatMul(transB), like the tied one
-GRAPH_REVISION = 4
+#   5: w8a8 graphs (export/linear.py: int8 GEMMs with per-row int8 activations); float graphs as in 4
+GRAPH_REVISION = 5
 
 
 def _act_fused(op):
@@ -135,7 +137,7 @@ def check_config(config) -> None:
 
 
 def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32", lm_head: str = "tied",
-                     greedy_filter: bool = False):
+                     greedy_filter: bool = False, gemms: str = "float"):
     """Returns (onnx.ModelProto, I/O names) for a GPT2LMHeadModel given its config and numpy state dict.
 
     `state` uses Hugging Face names (`transformer.h.0.attn.c_attn.weight`, ...). Weights, the KV
@@ -143,13 +145,17 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     lm_head "tied": FusedMatMul(transB=1) on wte itself (stored once; an untied head on its own [V,E]
     weight); "matmul": a plain MatMul on a transposed copy [E,V], the form weight-only quantizers
     convert (they skip other ops). greedy_filter: add greedy_index/greedy_token (export/greedy.py;
-    fp32, lm_head "tied"); names then has them, else they are None.
+    fp32, lm_head "tied"); names then has them, else they are None. gemms: how the weight GEMMs are
+    written (export/linear.py): "float" (MatMul) or "int8-rows" (int8 weights and per-row int8
+    activations; lm_head "matmul", float32).
     """
     check_config(config)
     if lm_head not in ("tied", "matmul"):
         raise ValueError(f"lm_head must be 'tied' or 'matmul', got {lm_head!r}")
-    if greedy_filter and (dtype != "float32" or lm_head != "tied"):
-        raise ValueError("the filtered greedy head needs float32 weights and lm_head='tied'")
+    if greedy_filter and (dtype != "float32" or lm_head != "tied" or gemms != "float"):
+        raise ValueError("the filtered greedy head needs float32 weights, float GEMMs and lm_head='tied'")
+    if gemms != "float" and lm_head != "matmul":
+        raise ValueError(f"gemms={gemms!r} writes the lm_head as a GEMM: use lm_head='matmul'")
     untied = "lm_head.weight" in state and not np.array_equal(state["lm_head.weight"], state["transformer.wte.weight"])
     np_dtype = np.dtype(dtype)
     et = ONNX_DTYPE[dtype]
@@ -170,6 +176,7 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
         return g.weight(name, a.astype(np_dtype))
 
     g = GraphBuilder()
+    mm = make_gemms(gemms, g, np_dtype)
     i64, i32 = TensorProto.INT64, TensorProto.INT32
     ids = g.input(names["input_ids"], i64, ["tokens"])
     pos = g.input(names["position_ids"], i64, ["tokens"])
@@ -188,6 +195,7 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     for i in range(L):
         g.output(names["present_key"][i], et, ["rows", N, "capacity", D])
         g.output(names["present_value"][i], et, ["rows", N, "capacity", D])
+    mm.rows("tokens", ids)                                      # GEMMs over all T tokens
 
     # GQA's lengths: seqlens_k = cache_lengths - 1; total_sequence_length = the capacity C, an upper
     # bound (all GQA needs with query_seqlens; measured: same results and speed as the batch maximum).
@@ -228,7 +236,7 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
         b_qkv = w(p + "attn.c_attn.bias").copy()
         w_qkv[:, :E] *= layer_scale
         b_qkv[:E] *= layer_scale
-        (qkv,) = g.node("MatMul", [x, weight(f"h{i}/attn/w_qkv", w_qkv)], name=f"h{i}/attn/qkv")     # [T,3E]
+        qkv = mm.matmul(x, w_qkv, f"h{i}/attn/qkv", f"h{i}/attn/w_qkv", "tokens")                   # [T,3E]
         (qkv,) = g.node("Add", [qkv, weight(f"h{i}/attn/b_qkv", b_qkv)], name=f"h{i}/attn/qkv_bias")
         (grid,) = g.node("Gather", [qkv, padded], name=f"h{i}/attn/pad", axis=0)                     # [B,S,3E]
         attn, _, _ = g.node(
@@ -239,7 +247,7 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
             outputs=[f"h{i}/attn/out", names["present_key"][i], names["present_value"][i]],
             num_heads=N, kv_num_heads=N, scale=1.0, do_rotary=0,
         )                                                                                            # [B,S,E]
-        rows = cells                                                                                 # [T,2]
+        rows, group = cells, "tokens"                                                                # [T,2]
         if i == L - 1:
             # The last layer's K/V need every token, but nothing after its attention does: from here on
             # only the rows whose logits were asked for (for a 32-token prompt, ~6% of the FLOPs).
@@ -248,13 +256,15 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
                 (kept,) = g.node("Concat", [keep, pick], name="keep/rows", axis=0)                   # [R+G]
             (rows,) = g.node("Gather", [cells, kept], name="keep/cells", axis=0)                    # [R+G,2]
             (h,) = g.node("Gather", [h, kept], name="keep/residual", axis=0)                         # [R+G,E]
+            mm.rows("kept", kept)
+            group = "kept"
         (attn,) = g.node("GatherND", [attn, rows], name=f"h{i}/attn/unpad")                          # [T|R,E]
-        (proj,) = g.node("MatMul", [attn, weight(f"h{i}/attn/w_o", p + "attn.c_proj.weight")], name=f"h{i}/attn/proj")
+        proj = mm.matmul(attn, w(p + "attn.c_proj.weight"), f"h{i}/attn/proj", f"h{i}/attn/w_o", group)
         x, h = add_norm(proj, weight(f"h{i}/attn/b_o", p + "attn.c_proj.bias"), h, p + "ln_2", f"h{i}/ln_2")
 
-        (fc,) = g.node("MatMul", [x, weight(f"h{i}/mlp/w_fc", p + "mlp.c_fc.weight")], name=f"h{i}/mlp/fc")
+        fc = mm.matmul(x, w(p + "mlp.c_fc.weight"), f"h{i}/mlp/fc", f"h{i}/mlp/w_fc", group)
         act = activation(g, fc, weight(f"h{i}/mlp/b_fc", p + "mlp.c_fc.bias"), f"h{i}/mlp/act", np_dtype)
-        (mlp,) = g.node("MatMul", [act, weight(f"h{i}/mlp/w_proj", p + "mlp.c_proj.weight")], name=f"h{i}/mlp/proj")
+        mlp = mm.matmul(act, w(p + "mlp.c_proj.weight"), f"h{i}/mlp/proj", f"h{i}/mlp/w_proj", group)
         x_in, skip = mlp, h
         bias = weight(f"h{i}/mlp/b_proj", p + "mlp.c_proj.bias")
 
@@ -277,7 +287,8 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
                        transA=0, transB=1, alpha=1.0)                                               # [R,V]
     else:                                                       # quantizers convert MatMul only
         w_head = np.ascontiguousarray(w("lm_head.weight" if untied else "transformer.wte.weight").T)
-        (lg,) = g.node("MatMul", [x, weight("lm_head/w", w_head)], name="lm_head", outputs=out)   # [R,V]
+        mm.rows("logits", keep)
+        lg = mm.matmul(x, w_head, "lm_head", "lm_head/w", "logits", outputs=out)                   # [R,V]
     if out is None:
         g.node("Cast", [lg], name="logits_fp32", outputs=[names["logits"]], to=TensorProto.FLOAT)
     # Greedy decoding's next tokens, so that a greedy step need not copy logits rows to the host.
@@ -286,5 +297,5 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     if greedy_filter:
         greedy_head(g, x_greedy, head_rows, head_values, names["greedy_token"])                   # [G]
         g.output(names["greedy_token"], TensorProto.INT64, ["greedy_rows"])
-    model = g.build("gpt2_kvcache_packed", OPSET, producer="kvcache-infer export")
+    model = g.build("gpt2_kvcache_packed", mm.opset or OPSET, producer="kvcache-infer export")
     return model, names

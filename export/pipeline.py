@@ -41,7 +41,7 @@ def _versions() -> dict:
 # noisy, so its floor only has to sit far above a broken graph's ~1/V). Quality itself is measured
 # by the benchmarks over 1,000 steps and as held-out perplexity of the trained default model
 # (README, "Quantized weights").
-QUALITY_BUDGET = {"int8": {"mean_err_over_std": 0.1, "top1": 0.5},
+QUALITY_BUDGET = {"int8": {"mean_err_over_std": 0.1, "top1": 0.5}, "w8a8": {"mean_err_over_std": 0.1, "top1": 0.5},
                   "int4": {"mean_err_over_std": 0.5, "top1": 0.1}}
 
 
@@ -126,10 +126,13 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
     with _step("building the graph", log):
         state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
         model, names = build_gpt2_graph(cfg, state, dtype=dtype, lm_head="matmul" if weights else "tied",
-                                        greedy_filter=greedy)
+                                        greedy_filter=greedy, gemms="int8-rows" if weights == "w8a8" else "float")
         del state
     quant = None
-    if weights:
+    if weights == "w8a8":
+        quant = {"weights": "int8 per output column, symmetric", "activations": "int8 per row, dynamic",
+                 "quantized_ops": ["MatMul (lm_head included) -> QuantizeLinear (per row) + MatMulIntegerToFloat"]}
+    elif weights:
         from .quantize import quantize_weights
         quant = {"weights": weights, "block_size": block_size, "symmetric": symmetric, "accuracy_level": 4,
                  "quantized_ops": ["MatMul (lm_head included) -> MatMulNBits", "Gather -> GatherBlockQuantized"]}

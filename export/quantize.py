@@ -12,7 +12,7 @@ WEIGHT_FORMATS = {"int8": 8, "int4": 4}
 
 
 def quantize_weights(model, weights: str, *, block_size: int = 128, symmetric: bool = True,
-                     accuracy_level: int = 4):
+                     accuracy_level: int = 4, op_types: tuple[str, ...] = ("MatMul", "Gather")):
     """Returns (a new ModelProto with MatMul and Gather weights quantized to `weights` ("int8"/"int4"),
     one line saying what was quantized). The quantizer's own log (a line per node, and a warning that
     it raises the opset to 21 for the int4 type, which "may not be a valid model") is kept quiet: the
@@ -31,7 +31,7 @@ def quantize_weights(model, weights: str, *, block_size: int = 128, symmetric: b
     try:
         q = mnq.MatMulNBitsQuantizer(model, bits=WEIGHT_FORMATS[weights], block_size=block_size,
                                      is_symmetric=symmetric, accuracy_level=accuracy_level,
-                                     op_types_to_quantize=("MatMul", "Gather"))
+                                     op_types_to_quantize=op_types)
         q.process()
     finally:
         log.setLevel(level)
@@ -41,3 +41,5 @@ def quantize_weights(model, weights: str, *, block_size: int = 128, symmetric: b
     summary = (f"{ops.count('MatMulNBits')} MatMul -> MatMulNBits, {ops.count('GatherBlockQuantized')} Gather -> "
                f"GatherBlockQuantized, {ops.count('MatMul')} MatMul left as is; default-domain opset {opset}")
     return out, summary
+
+

@@ -108,7 +108,7 @@ class InPlaceCache(KVCache):
     def __init__(self, manifest: Manifest, rows: int, capacity: int, device: str, device_id: int):
         super().__init__(manifest, rows, capacity, device, device_id)
         self.shape = (rows, manifest.num_kv_heads, capacity, manifest.head_dim)
-        dtype = manifest.np_dtype
+        dtype = manifest.cache_np_dtype
         # Zero-filled: every page is touched now, not at a run's or a fork's first write to a row (a
         # first touch costs a page fault: measured 10-50x slower copies into a fresh slot), and the
         # memory is really taken at construction, where a shortage is reported.
@@ -183,7 +183,7 @@ class GrowingCache(KVCache):
         super().__init__(manifest, rows, capacity, device, device_id)
         size = (rows * manifest.num_kv_heads * capacity * manifest.head_dim,)
         L = manifest.num_layers
-        self.bufs = [[DeviceBuffer(size, manifest.np_dtype, device, device_id, fill=0) for _ in range(4 * L)]
+        self.bufs = [[DeviceBuffer(size, manifest.cache_np_dtype, device, device_id, fill=0) for _ in range(4 * L)]
                      for _ in range(2)]
         self._state = (0, 0)  # (front buffer index, length): changed together, in one assignment
         self.mask = DeviceBuffer((rows * capacity,), np.int64, device, device_id, fill=1)
@@ -287,7 +287,7 @@ def describe_size(manifest: Manifest, rows: int, capacity: int) -> str:
     m = manifest
     return (f"{cache_bytes(m, rows, capacity) / 2**30:.2f} GiB ({LAYOUTS[m.layout].copies} x 2 x {m.num_layers} "
             f"layers x {rows} rows x {m.num_kv_heads} heads x {capacity} tokens x {m.head_dim} x "
-            f"{m.np_dtype.itemsize} bytes)")
+            f"{m.cache_np_dtype.itemsize} bytes)")
 
 
 def available_host_bytes() -> int | None:

@@ -185,11 +185,11 @@ def cmd_profile(a) -> int:
         raise KVCacheError(f"--batch-size must be >= 1, got {a.batch_size}")
     total = cache_bytes(m, a.batch_size, cap)
     copies = LAYOUTS[m.layout].copies
-    prof = MemoryProfile(layout=m.layout, device="(not allocated)", dtype=m.dtype, total_cache_bytes=total,
+    prof = MemoryProfile(layout=m.layout, device="(not allocated)", dtype=m.kv_dtype, total_cache_bytes=total,
                          used_cache_bytes=0, free_cache_bytes=total, bytes_per_token=m.cache_bytes_per_token,
                          tokens=0, capacity_tokens=cap * a.batch_size, active_sequences=a.batch_size,
                          io_buffer_bytes=0)
-    print(f"{a.model}: {m.num_layers} layers x {m.num_kv_heads} heads x head_dim {m.head_dim}, {m.dtype}")
+    print(f"{a.model}: {m.num_layers} layers x {m.num_kv_heads} heads x head_dim {m.head_dim}, cache {m.kv_dtype}")
     print(f"formula: {copies} x 2 x layers x heads x head_dim x max_seq_len x batch x bytes = "
           f"{copies} x 2 x {m.num_layers} x {m.num_kv_heads} x {m.head_dim} x {cap} x {a.batch_size} x "
           f"{m.cache_bytes_per_token // (2 * m.num_layers * m.num_kv_heads * m.head_dim)} = {total} bytes")
@@ -205,7 +205,7 @@ def cmd_info(a) -> int:
     print(f"manifest   : {m.source}")
     print(f"geometry   : {m.num_layers} layers, {m.num_heads} heads ({m.num_kv_heads} KV), head_dim {m.head_dim}, "
           f"hidden {m.hidden_size}, vocab {m.vocab_size}, {m.max_positions} positions")
-    print(f"precision  : weights {m.weights or m.dtype}, cache {m.dtype}, logits {m.logits_dtype}")
+    print(f"precision  : weights {m.weights or m.dtype}, activations {m.dtype}, cache {m.kv_dtype}, logits {m.logits_dtype}")
     print(f"cache      : {m.layout} layout, {m.cache_bytes_per_token} bytes per token, attention {m.attention}")
     pick = ("filtered head: int8 filter, exact fp32 rescoring (greedy_index -> greedy_token)" if m.greedy_index
             else "ArgMax of the logits rows" if m.next_token else "argmax of the logits, on the host")

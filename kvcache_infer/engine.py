@@ -507,7 +507,7 @@ class Engine:
             occupied = len(live) + len(retained)
             slot_table = (len(self._live) + len(self._retained)) * 16 + c.lengths.nbytes
             return EngineMemoryProfile(
-                device=self.model.device, dtype=m.dtype, total_bytes=c.nbytes, used_bytes=sum(live) * per_token,
+                device=self.model.device, dtype=m.kv_dtype, total_bytes=c.nbytes, used_bytes=sum(live) * per_token,
                 retained_bytes=sum(retained) * per_token, physical_blocks=self.max_sequences,
                 logical_blocks=occupied, rows_per_block=self.capacity, page_table_bytes=slot_table + self.index.nbytes,
                 allocator_bytes=self.runner.io_bytes, active_sequences=len(live), total_tokens=sum(live),

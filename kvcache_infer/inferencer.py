@@ -137,7 +137,7 @@ class KVCacheInferencer:
     def snapshot(self) -> CacheSnapshot:
         """Copies rows [0, position) of the cache to host memory (O(position)); changes nothing."""
         with self._enter("snapshot"):
-            return take(self.cache.read(self.position), self.position, self.manifest.dtype, self.batch_size)
+            return take(self.cache.read(self.position), self.position, self.manifest.kv_dtype, self.batch_size)
 
     def restore(self, snap: CacheSnapshot) -> None:
         """Makes the cache and position exactly what they were at snap (bit for bit). In place,
@@ -257,7 +257,7 @@ class KVCacheInferencer:
         used = tokens * per_token
         io_bytes = self.runner.io_bytes
         return MemoryProfile(
-            layout=c.layout, device=self.device, dtype=m.dtype, total_cache_bytes=c.nbytes,
+            layout=c.layout, device=self.device, dtype=m.kv_dtype, total_cache_bytes=c.nbytes,
             used_cache_bytes=used, free_cache_bytes=c.nbytes - used, bytes_per_token=per_token,
             tokens=tokens, capacity_tokens=self.capacity * self.batch_size, active_sequences=self.batch_size,
             io_buffer_bytes=io_bytes)

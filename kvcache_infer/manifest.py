@@ -21,8 +21,11 @@ FORMAT_VERSION = 2              # 2: packed-token graphs (`tokens: "packed"`); 1
 READABLE_VERSIONS = (1, 2)
 LAYOUTS = ("inplace", "growing")
 TOKENS = ("padded", "packed")   # how a run's tokens are laid out: [B,S] ids, or [T] ids plus row inputs
-DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}   # the one dtype table
-ORT_TYPE_TO_DTYPE = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "int8": np.dtype(np.int8)}  # the one dtype table
+FLOAT_DTYPES = ("float32", "float16")     # activations, weights of float exports and logits
+# int8 caches hold round(x / scale) per channel (static scales in the graph, GroupQueryAttention's
+# quantized cache): the runtime moves their bytes and never reads them as numbers.
+ORT_TYPE_TO_DTYPE = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
 # The extra inputs of a packed graph, in manifest order (docs/manifest.md says what each holds).
 PACKED_INPUTS = ("cache_lengths", "query_lengths", "padded_tokens", "token_cells", "logits_index", "attention_bias")
 GREEDY_IO = ("greedy_index", "greedy_token")   # optional in packed graphs: both or neither
@@ -39,7 +42,7 @@ class Manifest:
     hidden_size: int
     vocab_size: int
     max_positions: int
-    dtype: str                      # weights and KV cache element type
+    dtype: str                      # activations (and float weights) element type; the KV cache's too unless cache_dtype
     layout: str                     # "inplace": past/present share one buffer; "growing": present = past + new
     input_ids: str
     position_ids: str | None
@@ -65,15 +68,26 @@ class Manifest:
     attention_bias: str | None = None   # packed: [1|B,1,S,C] dtype, added to the attention scores
     greedy_index: str | None = None     # packed, optional: [G] int64, packed tokens whose greedy pick is wanted
     greedy_token: str | None = None     # packed, optional: [G] int64, their picks (no logits computed)
+    cache_dtype: str | None = None  # KV cache element type when it differs from dtype ("int8")
 
     @property
     def cache_bytes_per_token(self) -> int:
         """K and V bytes one token of one sequence occupies, summed over layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPES[self.dtype].itemsize
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.cache_np_dtype.itemsize
 
     @property
     def np_dtype(self) -> np.dtype:
+        """Activations (attention_bias included)."""
         return DTYPES[self.dtype]
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's element type."""
+        return self.cache_dtype or self.dtype
+
+    @property
+    def cache_np_dtype(self) -> np.dtype:
+        return DTYPES[self.kv_dtype]
 
     @property
     def packed_inputs(self) -> tuple[str, ...]:
@@ -103,6 +117,7 @@ class Manifest:
             "cache": {
                 "layout": self.layout,
                 "shape": ["batch", "num_kv_heads", "capacity", "head_dim"],
+                "dtype": self.kv_dtype,
                 "write_rows": "position_ids" if self.layout == "inplace" else "appended",
             },
             "tokens": self.tokens,
@@ -146,6 +161,7 @@ class Manifest:
                 present_key=tuple(io["present_key"]), present_value=tuple(io["present_value"]),
                 model_file=data.get("model_file", "model.onnx"), model_bytes=data.get("model_bytes"),
                 source=source, tokens=str(data.get("tokens", "padded")),
+                cache_dtype=None if cache.get("dtype", data["dtype"]) == data["dtype"] else str(cache["dtype"]),
                 **{n: io.get(n) for n in PACKED_INPUTS + GREEDY_IO},
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -158,10 +174,14 @@ class Manifest:
         bad = []
         if self.layout not in LAYOUTS:
             bad.append(f"cache layout {self.layout!r} not in {LAYOUTS}")
-        if self.dtype not in DTYPES:
-            bad.append(f"dtype {self.dtype!r} not in {tuple(DTYPES)}")
-        if self.logits_dtype not in DTYPES:
-            bad.append(f"logits_dtype {self.logits_dtype!r} not in {tuple(DTYPES)}")
+        if self.dtype not in FLOAT_DTYPES:
+            bad.append(f"dtype {self.dtype!r} not in {FLOAT_DTYPES}")
+        if self.logits_dtype not in FLOAT_DTYPES:
+            bad.append(f"logits_dtype {self.logits_dtype!r} not in {FLOAT_DTYPES}")
+        if self.kv_dtype not in DTYPES:
+            bad.append(f"cache dtype {self.kv_dtype!r} not in {tuple(DTYPES)}")
+        elif self.kv_dtype not in FLOAT_DTYPES and self.attention != "GroupQueryAttention":
+            bad.append(f"an {self.kv_dtype} cache needs GroupQueryAttention's quantized cache, not {self.attention!r}")
         if self.tokens not in TOKENS:
             bad.append(f"tokens {self.tokens!r} not in {TOKENS}")
         elif self.tokens == "packed":
@@ -208,14 +228,18 @@ class Manifest:
         for name in (*self.past_key, *self.past_value, *self.present_key, *self.present_value):
             arg = inputs.get(name) or outputs.get(name)
             shape, dtype = arg.shape, ORT_TYPE_TO_DTYPE.get(arg.type, arg.type)
-            if dtype != self.dtype:
-                bad.append(f"{name} is {dtype}, manifest says {self.dtype}")
+            if dtype != self.kv_dtype:
+                bad.append(f"{name} is {dtype}, manifest says {self.kv_dtype}")
             if len(shape) != 4:
                 bad.append(f"{name} has rank {len(shape)}, expected 4 [batch, heads, length, head_dim]")
                 continue
             for axis, want in ((1, self.num_kv_heads), (3, self.head_dim)):
                 if isinstance(shape[axis], int) and shape[axis] != want:
                     bad.append(f"{name} dim {axis} is {shape[axis]}, manifest says {want}")
+        if self.attention_bias and self.attention_bias in inputs:
+            btype = ORT_TYPE_TO_DTYPE.get(inputs[self.attention_bias].type, inputs[self.attention_bias].type)
+            if btype != self.dtype:
+                bad.append(f"{self.attention_bias} is {btype}, manifest says {self.dtype}")
         ltype = ORT_TYPE_TO_DTYPE.get(outputs[self.logits].type, outputs[self.logits].type)
         if ltype != self.logits_dtype:
             bad.append(f"{self.logits} is {ltype}, manifest says logits_dtype {self.logits_dtype}")

@@ -44,9 +44,9 @@ def check(snap, m: Manifest, batch: int, capacity: int) -> None:
                                 f"{capacity} (max_seq_len); construct the inferencer with a larger max_seq_len")
     for i, (k, v) in enumerate(snap.layers):
         for name, a in (("K", k), ("V", v)):
-            if not isinstance(a, np.ndarray) or a.dtype != np.dtype(m.dtype):
+            if not isinstance(a, np.ndarray) or a.dtype != m.cache_np_dtype:
                 got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
-                raise InvalidInputError(f"snapshot layer {i} {name} is {got}, this cache is {m.dtype}; "
+                raise InvalidInputError(f"snapshot layer {i} {name} is {got}, this cache is {m.kv_dtype}; "
                                         "snapshots are not converted")
             if a.shape != want:
                 raise InvalidInputError(f"snapshot layer {i} {name} has shape {a.shape}, expected {want} "

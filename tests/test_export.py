@@ -175,16 +175,17 @@ def test_from_export_upgrades_format1_to_packed_with_the_same_logits(tmp_path):
 def _graph_fingerprint() -> str:
     """sha256 of what the builder writes, weight values aside: every node (op, wiring, attributes),
     every initializer's name, type and shape, the I/O and the opsets, for tiny-a (gelu_new, tied head)
-    with a tied and a MatMul head (what quantizers convert), in fp16 and with the filtered greedy head,
-    and for tiny-b (BiasGelu, attention scaled by the inverse layer index)."""
+    with a tied and a MatMul head (what quantizers convert), in fp16, with the filtered greedy head and
+    with int8 GEMMs (w8a8), and for tiny-b (BiasGelu, attention scaled by the inverse layer index)."""
     from export.gpt2 import build_gpt2_graph
     h = hashlib.sha256()
-    for name, dtype, head, greedy in (("tiny-a", "float32", "tied", False), ("tiny-a", "float32", "matmul", False),
-                                      ("tiny-a", "float16", "tied", False), ("tiny-a", "float32", "tied", True),
-                                      ("tiny-b", "float32", "tied", False)):
+    for name, dtype, head, greedy, gemms in (
+            ("tiny-a", "float32", "tied", False, "float"), ("tiny-a", "float32", "matmul", False, "float"),
+            ("tiny-a", "float16", "tied", False, "float"), ("tiny-a", "float32", "tied", True, "float"),
+            ("tiny-b", "float32", "tied", False, "float"), ("tiny-a", "float32", "matmul", False, "int8-rows")):
         hf = make_hf(name)
         state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
-        model, _ = build_gpt2_graph(hf.config, state, dtype=dtype, lm_head=head, greedy_filter=greedy)
+        model, _ = build_gpt2_graph(hf.config, state, dtype=dtype, lm_head=head, greedy_filter=greedy, gemms=gemms)
         for n in model.graph.node:
             attrs = sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute)
             h.update(repr((n.domain, n.op_type, list(n.input), list(n.output), attrs)).encode())
@@ -197,7 +198,7 @@ def _graph_fingerprint() -> str:
 
 # The node lists each graph revision writes; a change to the graph fails here until GRAPH_REVISION
 # is bumped (benchmarks then refuse older exports instead of timing them as this version's).
-GRAPH_FINGERPRINTS = {3: "07beb054d39a7b00", 4: "ca8a788197d2c652"}
+GRAPH_FINGERPRINTS = {3: "07beb054d39a7b00", 4: "ca8a788197d2c652", 5: "cc616160ca0c471c"}
 
 
 def test_graph_revision_names_the_graph_the_builder_writes():

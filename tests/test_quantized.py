@@ -1,4 +1,5 @@
-"""Weight-only int8/int4 exports: every MatMul quantized (lm_head included), cache path intact."""
+"""Quantized exports: weight-only int8/int4 (MatMulNBits) and w8a8 (int8 weights and activations, ORT's
+int8 GEMM); every MatMul quantized (lm_head included), cache path intact."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from .conftest import hf_logits
 def quantized(hf_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     return {w: export_gpt2(hf_models["tiny-a"], root / w, source={}, weights=w, log=lambda s: None)
-            for w in ("int8", "int4")}
+            for w in ("int8", "int4", "w8a8")}
 
 
 @pytest.mark.parametrize("w", ["int8", "int4"])
@@ -34,7 +35,50 @@ def test_quantized_graph_and_manifest(w, quantized):
     assert data["parity"]["budget"] == QUALITY_BUDGET[w]
 
 
-@pytest.mark.parametrize("w,err", [("int8", 0.05), ("int4", 0.3)])
+def test_w8a8_graph_and_manifest(quantized):
+    m = onnx.load(str(quantized["w8a8"] / "model.onnx"))
+    ops = [n.op_type for n in m.graph.node]
+    assert "MatMul" not in ops and "FusedMatMul" not in ops and "MatMulNBits" not in ops
+    assert ops.count("MatMulIntegerToFloat") == ops.count("QuantizeLinear") == 2 * 4 + 1
+    assert ops.count("Expand") == 2                                 # zero points: all tokens, kept rows
+    data = json.loads((quantized["w8a8"] / "manifest.json").read_text())
+    assert data["weights"] == "w8a8" and data["quantization"]["activations"] == "int8 per row, dynamic"
+
+
+def test_int8_rows_matmul_is_the_integer_product_of_row_and_column_quantized_operands(rng):
+    """What the w8a8 GEMM computes on this machine's kernels: x quantized per row (symmetric, round to
+    nearest even), W per column, the exact integer product, both scales: equal to numpy's emulation up
+    to float rounding; one row alone gives the same bits as in a batch."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from export.graph import GraphBuilder
+    from export.linear import INT8_OPSET, Int8RowGemms
+    K, N = 96, 40
+    W = rng.standard_normal((K, N)).astype(np.float32) * rng.uniform(0.01, 3, N).astype(np.float32)
+    g = GraphBuilder()
+    g.input("x", TensorProto.FLOAT, ["M", K])
+    g.output("y", TensorProto.FLOAT, ["M", N])
+    gemms = Int8RowGemms(g, np.float32)
+    gemms.rows("x", "x")
+    gemms.matmul("x", W, "t", "w", "x", outputs=["y"])
+    sess = ort.InferenceSession(g.build("t", INT8_OPSET, "test").SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((9, K)).astype(np.float32)
+    x[2] *= 1000
+    x[5] = 0                                                    # an all-zero row
+    got = sess.run(None, {"x": x})[0]
+    ws = np.abs(W).max(0) / 127
+    wq = np.clip(np.rint(W / ws.astype(np.float32)), -127, 127)
+    xs = np.abs(x).max(1, keepdims=True).astype(np.float32) / np.float32(127)
+    xq = np.clip(np.rint(x / np.where(xs > 0, xs, 1)), -127, 127)
+    want = (xq @ wq) * xs * ws
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert not got[5].any()
+    for i in (0, 2, 8):
+        assert np.array_equal(sess.run(None, {"x": x[i:i + 1]})[0][0], got[i])
+
+
+@pytest.mark.parametrize("w,err", [("int8", 0.05), ("int4", 0.3), ("w8a8", 0.05)])
 def test_quantized_logits_track_pytorch(w, err, quantized, hf_models, rng):
     tokens = rng.integers(0, 1000, size=(2, 50))
     ref = hf_logits(hf_models["tiny-a"], tokens)[:, 9:]
@@ -63,7 +107,7 @@ def test_quantized_chunked_equals_one_shot_and_greedy_matches(quantized, rng):
     assert fast == slow
 
 
-@pytest.mark.parametrize("w", ["int8", "int4"])
+@pytest.mark.parametrize("w", ["int8", "int4", "w8a8"])
 def test_a_rows_logits_do_not_depend_on_the_rest_of_the_batch(w, quantized, rng):
     """Quantized activations turn last-bit differences between kernel paths into ~1% of the logits, so
     the Engine's runs avoid the paths that depend on the batch (one token alone, a one-column grid)
