@@ -55,7 +55,8 @@ OPSET = 17
 #   3: rows chosen right after the last layer's attention; Add + LayerNormalization
 #   4: greedy_index / greedy_token: the exact greedy pick through an int8 filter (fp32 graphs with a big
 #      enough head); an untied fp32 head is stored [V,E] and run as FusedMatMul(transB), like the tied one
-#   5: w8a8 graphs (export/linear.py: int8 GEMMs with per-row int8 activations); float graphs as in 4
+#   5: w8a8 graphs (export/linear.py: int8 GEMMs with per-row int8 activations) and the int8 KV cache
+#      (static per-channel scales); float graphs with a float cache as in 4
 GRAPH_REVISION = 5
 
 
@@ -137,7 +138,7 @@ def check_config(config) -> None:
 
 
 def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32", lm_head: str = "tied",
-                     greedy_filter: bool = False, gemms: str = "float"):
+                     greedy_filter: bool = False, gemms: str = "float", kv_scales=None):
     """Returns (onnx.ModelProto, I/O names) for a GPT2LMHeadModel given its config and numpy state dict.
 
     `state` uses Hugging Face names (`transformer.h.0.attn.c_attn.weight`, ...). Weights, the KV
@@ -147,7 +148,9 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     convert (they skip other ops). greedy_filter: add greedy_index/greedy_token (export/greedy.py;
     fp32, lm_head "tied"); names then has them, else they are None. gemms: how the weight GEMMs are
     written (export/linear.py): "float" (MatMul) or "int8-rows" (int8 weights and per-row int8
-    activations; lm_head "matmul", float32).
+    activations; lm_head "matmul", float32). kv_scales: an int8 KV cache, [(k_scale [N,D], v_scale
+    [N,D]) per layer] (export/kv_calibration.py): GroupQueryAttention stores round(k / k_scale) per
+    channel and attends over the dequantized values; None: the cache holds `dtype`.
     """
     check_config(config)
     if lm_head not in ("tied", "matmul"):
@@ -175,6 +178,9 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
         a = w(key_or_array) if isinstance(key_or_array, str) else key_or_array
         return g.weight(name, a.astype(np_dtype))
 
+    if kv_scales is not None and (len(kv_scales) != config.n_layer or dtype != "float32"):
+        raise ValueError("an int8 KV cache needs float32 activations and one (k_scale, v_scale) pair per layer")
+    kv_t = TensorProto.INT8 if kv_scales is not None else et
     g = GraphBuilder()
     mm = make_gemms(gemms, g, np_dtype)
     i64, i32 = TensorProto.INT64, TensorProto.INT32
@@ -189,12 +195,12 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
         pick = g.input(names["greedy_index"], i64, ["greedy_rows"])
     bias_in = g.input(names["attention_bias"], et, ["bias_rows", 1, "chunk", "capacity"])
     for i in range(L):
-        g.input(names["past_key"][i], et, ["rows", N, "capacity", D])
-        g.input(names["past_value"][i], et, ["rows", N, "capacity", D])
+        g.input(names["past_key"][i], kv_t, ["rows", N, "capacity", D])
+        g.input(names["past_value"][i], kv_t, ["rows", N, "capacity", D])
     g.output(names["logits"], TensorProto.FLOAT, ["logits_rows", V])
     for i in range(L):
-        g.output(names["present_key"][i], et, ["rows", N, "capacity", D])
-        g.output(names["present_value"][i], et, ["rows", N, "capacity", D])
+        g.output(names["present_key"][i], kv_t, ["rows", N, "capacity", D])
+        g.output(names["present_value"][i], kv_t, ["rows", N, "capacity", D])
     mm.rows("tokens", ids)                                      # GEMMs over all T tokens
 
     # GQA's lengths: seqlens_k = cache_lengths - 1; total_sequence_length = the capacity C, an upper
@@ -239,13 +245,18 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
         qkv = mm.matmul(x, w_qkv, f"h{i}/attn/qkv", f"h{i}/attn/w_qkv", "tokens")                   # [T,3E]
         (qkv,) = g.node("Add", [qkv, weight(f"h{i}/attn/b_qkv", b_qkv)], name=f"h{i}/attn/qkv_bias")
         (grid,) = g.node("Gather", [qkv, padded], name=f"h{i}/attn/pad", axis=0)                     # [B,S,3E]
+        scales, quant = ["", ""], {}
+        if kv_scales is not None:                # int8 cache: static per-channel scales [N,1,D]
+            scales = [g.weight(f"h{i}/attn/k_scale", np.asarray(kv_scales[i][0], np.float32).reshape(N, 1, D)),
+                      g.weight(f"h{i}/attn/v_scale", np.asarray(kv_scales[i][1], np.float32).reshape(N, 1, D))]
+            quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
         attn, _, _ = g.node(
             "GroupQueryAttention",
             [grid, "", "", names["past_key"][i], names["past_value"][i], seqlens_k, total_len,
-             "", "", "", bias_in, "", "", "", "", "", q_len],
+             "", "", "", bias_in, "", *scales, "", "", q_len],
             name=f"h{i}/attn/gqa", domain=MS_DOMAIN,
             outputs=[f"h{i}/attn/out", names["present_key"][i], names["present_value"][i]],
-            num_heads=N, kv_num_heads=N, scale=1.0, do_rotary=0,
+            num_heads=N, kv_num_heads=N, scale=1.0, do_rotary=0, **quant,
         )                                                                                            # [B,S,E]
         rows, group = cells, "tokens"                                                                # [T,2]
         if i == L - 1:

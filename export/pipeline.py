@@ -42,6 +42,7 @@ def _versions() -> dict:
 # by the benchmarks over 1,000 steps and as held-out perplexity of the trained default model
 # (README, "Quantized weights").
 QUALITY_BUDGET = {"int8": {"mean_err_over_std": 0.1, "top1": 0.5}, "w8a8": {"mean_err_over_std": 0.1, "top1": 0.5},
+                  "kv-int8": {"mean_err_over_std": 0.1, "top1": 0.5},
                   "int4": {"mean_err_over_std": 0.5, "top1": 0.1}}
 
 
@@ -89,7 +90,7 @@ def _publish(work: Path, out: Path) -> None:
 def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: Path | None = None,
                 dtype: str = "float32", parity_rtol: float = 1e-4, weights: str | None = None,
                 block_size: int = 128, symmetric: bool = True, greedy_head: str = "auto", force: bool = False,
-                reference=None, log=print) -> Path:
+                reference=None, kv_cache: str = "float", log=print) -> Path:
     """Writes OUT/model.onnx and OUT/manifest.json for a GPT2LMHeadModel.
 
     OUT must be new, empty, a previous export of ours, or (force=True) any folder (check_out). Files
@@ -97,7 +98,14 @@ def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: P
     check passes; on a failed check they stay in a fresh OUT.failed-* folder and ParityError
     propagates. greedy_head: "auto", "filter" or "argmax" (export/greedy.py). reference: the model the
     parity check compares with, for a checkpoint the checkpoint as its own class loads it
-    (source.load_reference); default hf_model itself (seeded random weights). Returns OUT."""
+    (source.load_reference); default hf_model itself (seeded random weights). kv_cache: "float" (the
+    cache holds `dtype`) or "int8" (static per-channel scales calibrated here, export/kv_calibration.py).
+    Returns OUT."""
+    if kv_cache not in ("float", "int8"):
+        raise ValueError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
+    if kv_cache == "int8" and dtype != "float32":
+        raise ValueError("--kv-cache int8 needs --dtype float32 (GroupQueryAttention's quantized cache takes float32 "
+                         "activations on the CPU)")
     cfg = hf_model.config
     greedy = wanted(greedy_head, dtype=dtype, quantized=bool(weights), hidden=cfg.n_embd, vocab=cfg.vocab_size)
     out = Path(out_dir)
@@ -107,14 +115,15 @@ def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: P
     try:
         return _export(hf_model, out, work, mode, source=source, tokenizer_dir=tokenizer_dir, dtype=dtype,
                        parity_rtol=parity_rtol, weights=weights, block_size=block_size, symmetric=symmetric,
-                       greedy=greedy, reference=hf_model if reference is None else reference, log=log)
+                       greedy=greedy, reference=hf_model if reference is None else reference, kv_cache=kv_cache,
+                       log=log)
     finally:
         if work.exists():
             shutil.rmtree(work)              # our own scratch folder: gone on any failure
 
 
 def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir, dtype, parity_rtol, weights,
-            block_size, symmetric, greedy, reference, log) -> Path:
+            block_size, symmetric, greedy, reference, kv_cache, log) -> Path:
     import onnx
 
     from kvcache_infer.manifest import GREEDY_IO, PACKED_INPUTS, Manifest
@@ -123,10 +132,19 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
     E, N, L = cfg.n_embd, cfg.n_head, cfg.n_layer
     log(f"exporting GPT-2 ({L} layers, {N} heads, hidden {E}, vocab {cfg.vocab_size}, "
         f"{cfg.n_positions} positions, {sum(p.numel() for p in hf_model.parameters()) / 1e6:.1f}M params)")
+    scales, kv_record = None, {"dtype": dtype}
+    if kv_cache == "int8":
+        from .kv_calibration import MARGIN, calibration_ids, gpt2_kv_ranges, kv_scales
+        ids = calibration_ids(cfg.vocab_size, cfg.n_positions)
+        with _step(f"calibrating the int8 KV cache's scales ({ids.shape[0]} x {ids.shape[1]} random tokens)", log):
+            scales = kv_scales(gpt2_kv_ranges(hf_model, ids))
+        kv_record = {"dtype": "int8", "scales": "static, per channel (head, head dim)", "margin": MARGIN,
+                     "calibration": f"{ids.shape[0]} x {ids.shape[1]} uniform random token ids, seed 0"}
     with _step("building the graph", log):
         state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
         model, names = build_gpt2_graph(cfg, state, dtype=dtype, lm_head="matmul" if weights else "tied",
-                                        greedy_filter=greedy, gemms="int8-rows" if weights == "w8a8" else "float")
+                                        greedy_filter=greedy, gemms="int8-rows" if weights == "w8a8" else "float",
+                                        kv_scales=scales)
         del state
     quant = None
     if weights == "w8a8":
@@ -154,12 +172,13 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
         past_key=tuple(names["past_key"]), past_value=tuple(names["past_value"]),
         present_key=tuple(names["present_key"]), present_value=tuple(names["present_value"]),
         model_file=path.name, model_bytes=path.stat().st_size, tokens="packed",
+        cache_dtype="int8" if kv_cache == "int8" else None,
         **{n: names[n] for n in PACKED_INPUTS + GREEDY_IO})
     record = manifest.to_json()
     record.update({"source": source, "exporter": _versions(),
                    "opset": next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
                                  if o.domain in ("", "ai.onnx")),
-                   "weights": weights or dtype, "quantization": quant})
+                   "weights": weights or dtype, "quantization": quant, "kv_cache": kv_record})
     (work / "manifest.json").write_text(json.dumps(record, indent=2) + "\n")
     copied = []
     if tokenizer_dir is not None:
@@ -173,18 +192,19 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
         reference.set_attn_implementation("eager")
     else:
         reference.config._attn_implementation = "eager"
-    what = f"quality budget {QUALITY_BUDGET[weights]}" if weights else "parity"
+    budget = QUALITY_BUDGET[weights] if weights else QUALITY_BUDGET["kv-int8"] if kv_cache == "int8" else None
+    what = f"quality budget {budget}" if budget else "parity"
     with _step(f"{what} against {type(reference).__name__} (prompt + single-token steps, batch 2)", log):
         try:
             parity = check_parity(reference, work, rtol=parity_rtol,
-                                  budget=QUALITY_BUDGET[weights] if weights else None)
+                                  budget=budget)
         except Exception:
             failed = Path(tempfile.mkdtemp(prefix=out.name + ".failed-", dir=out.parent))
             _publish(work, failed)
             log(f"  parity check failed: the files are kept in {failed} for inspection; nothing was written to {out}")
             raise
     log(f"  parity: max |diff| {parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:.2e}"
-        f"{', not applied: quality budget instead' if weights else ''}), mean |diff| / std "
+        f"{', not applied: quality budget instead' if budget else ''}), mean |diff| / std "
         f"{parity['mean_err_over_std']:.4f}, top-1 agreement {100 * parity['top1_agreement']:.1f}%")
     record["parity"] = parity
     (work / "manifest.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -176,16 +176,20 @@ def _graph_fingerprint() -> str:
     """sha256 of what the builder writes, weight values aside: every node (op, wiring, attributes),
     every initializer's name, type and shape, the I/O and the opsets, for tiny-a (gelu_new, tied head)
     with a tied and a MatMul head (what quantizers convert), in fp16, with the filtered greedy head and
-    with int8 GEMMs (w8a8), and for tiny-b (BiasGelu, attention scaled by the inverse layer index)."""
+    with int8 GEMMs (w8a8), with an int8 KV cache, and for tiny-b (BiasGelu, attention scaled by the
+    inverse layer index)."""
     from export.gpt2 import build_gpt2_graph
     h = hashlib.sha256()
-    for name, dtype, head, greedy, gemms in (
-            ("tiny-a", "float32", "tied", False, "float"), ("tiny-a", "float32", "matmul", False, "float"),
-            ("tiny-a", "float16", "tied", False, "float"), ("tiny-a", "float32", "tied", True, "float"),
-            ("tiny-b", "float32", "tied", False, "float"), ("tiny-a", "float32", "matmul", False, "int8-rows")):
+    for name, dtype, head, greedy, gemms, kv8 in (
+            ("tiny-a", "float32", "tied", False, "float", False), ("tiny-a", "float32", "matmul", False, "float", False),
+            ("tiny-a", "float16", "tied", False, "float", False), ("tiny-a", "float32", "tied", True, "float", False),
+            ("tiny-b", "float32", "tied", False, "float", False), ("tiny-a", "float32", "matmul", False, "int8-rows", False),
+            ("tiny-a", "float32", "tied", False, "float", True)):
         hf = make_hf(name)
         state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
-        model, _ = build_gpt2_graph(hf.config, state, dtype=dtype, lm_head=head, greedy_filter=greedy, gemms=gemms)
+        scales = [(np.ones((4, 16)), np.ones((4, 16)))] * hf.config.n_layer if kv8 else None
+        model, _ = build_gpt2_graph(hf.config, state, dtype=dtype, lm_head=head, greedy_filter=greedy, gemms=gemms,
+                                    kv_scales=scales)
         for n in model.graph.node:
             attrs = sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute)
             h.update(repr((n.domain, n.op_type, list(n.input), list(n.output), attrs)).encode())
@@ -198,7 +202,7 @@ def _graph_fingerprint() -> str:
 
 # The node lists each graph revision writes; a change to the graph fails here until GRAPH_REVISION
 # is bumped (benchmarks then refuse older exports instead of timing them as this version's).
-GRAPH_FINGERPRINTS = {3: "07beb054d39a7b00", 4: "ca8a788197d2c652", 5: "cc616160ca0c471c"}
+GRAPH_FINGERPRINTS = {3: "07beb054d39a7b00", 4: "ca8a788197d2c652", 5: "4354f60986c8f1b5"}
 
 
 def test_graph_revision_names_the_graph_the_builder_writes():

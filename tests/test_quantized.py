@@ -1,5 +1,6 @@
-"""Quantized exports: weight-only int8/int4 (MatMulNBits) and w8a8 (int8 weights and activations, ORT's
-int8 GEMM); every MatMul quantized (lm_head included), cache path intact."""
+"""Quantized exports: weight-only int8/int4 (MatMulNBits), w8a8 (int8 weights and activations, ORT's
+int8 GEMM) and the int8 KV cache (static per-channel scales); every MatMul quantized (lm_head
+included), cache path intact."""
 from __future__ import annotations
 
 import json
@@ -17,8 +18,15 @@ from .conftest import hf_logits
 @pytest.fixture(scope="module")
 def quantized(hf_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
-    return {w: export_gpt2(hf_models["tiny-a"], root / w, source={}, weights=w, log=lambda s: None)
-            for w in ("int8", "int4", "w8a8")}
+    out = {w: export_gpt2(hf_models["tiny-a"], root / w, source={}, weights=w, log=lambda s: None)
+           for w in ("int8", "int4", "w8a8")}
+    out["kv8"] = export_gpt2(hf_models["tiny-a"], root / "kv8", source={}, kv_cache="int8", log=lambda s: None)
+    out["w8a8-kv8"] = export_gpt2(hf_models["tiny-a"], root / "w8a8-kv8", source={}, weights="w8a8", kv_cache="int8",
+                                  log=lambda s: None)
+    return out
+
+
+BUDGET = {**QUALITY_BUDGET, "kv8": QUALITY_BUDGET["kv-int8"], "w8a8-kv8": QUALITY_BUDGET["w8a8"]}
 
 
 @pytest.mark.parametrize("w", ["int8", "int4"])
@@ -78,19 +86,20 @@ def test_int8_rows_matmul_is_the_integer_product_of_row_and_column_quantized_ope
         assert np.array_equal(sess.run(None, {"x": x[i:i + 1]})[0][0], got[i])
 
 
-@pytest.mark.parametrize("w,err", [("int8", 0.05), ("int4", 0.3), ("w8a8", 0.05)])
+@pytest.mark.parametrize("w,err", [("int8", 0.05), ("int4", 0.3), ("w8a8", 0.05), ("kv8", 0.02), ("w8a8-kv8", 0.05)])
 def test_quantized_logits_track_pytorch(w, err, quantized, hf_models, rng):
     tokens = rng.integers(0, 1000, size=(2, 50))
     ref = hf_logits(hf_models["tiny-a"], tokens)[:, 9:]
     inf = KVCacheInferencer(quantized[w], batch_size=2)
     got = np.stack([inf.forward(tokens[:, :10])] + [inf.forward(tokens[:, t:t + 1]) for t in range(10, 50)], 1)
     assert np.abs(got - ref).mean() / ref.std() < err
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= QUALITY_BUDGET[w]["top1"]   # random weights: near-flat logits
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= BUDGET[w]["top1"]   # random weights: near-flat logits
 
 
-def test_quantized_chunked_equals_one_shot_and_greedy_matches(quantized, rng):
+@pytest.mark.parametrize("w", ["int4", "kv8"])
+def test_quantized_chunked_equals_one_shot_and_greedy_matches(w, quantized, rng):
     tokens = rng.integers(0, 1000, size=40)
-    d = quantized["int4"]
+    d = quantized[w]
     one = KVCacheInferencer(d).forward(tokens)
     inf = KVCacheInferencer(d)
     for a, b in ((0, 13), (13, 14), (14, 40)):
@@ -107,7 +116,7 @@ def test_quantized_chunked_equals_one_shot_and_greedy_matches(quantized, rng):
     assert fast == slow
 
 
-@pytest.mark.parametrize("w", ["int8", "int4", "w8a8"])
+@pytest.mark.parametrize("w", ["int8", "int4", "w8a8", "w8a8-kv8"])
 def test_a_rows_logits_do_not_depend_on_the_rest_of_the_batch(w, quantized, rng):
     """Quantized activations turn last-bit differences between kernel paths into ~1% of the logits, so
     the Engine's runs avoid the paths that depend on the batch (one token alone, a one-column grid)
@@ -129,3 +138,40 @@ def test_a_rows_logits_do_not_depend_on_the_rest_of_the_batch(w, quantized, rng)
     batched = Engine(quantized[w], max_sequences=4, max_seq_len=96, max_chunk=16).generate(prompts, 12)
     alone = Engine(quantized[w], max_sequences=1, max_seq_len=96, max_chunk=16)
     assert batched == [alone.generate([p], 12)[0] for p in prompts]
+
+
+def test_int8_cache_holds_one_byte_per_value_and_snapshots_forks_and_reuses_it(quantized, rng):
+    d = quantized["kv8"]
+    data = json.loads((d / "manifest.json").read_text())
+    assert data["cache"]["dtype"] == "int8" and data["dtype"] == "float32" and data["kv_cache"]["margin"] > 1
+    m = onnx.load(str(d / "model.onnx"))
+    gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all({a.name: a.s for a in n.attribute if a.name == "k_quant_type"} == {"k_quant_type": b"PER_CHANNEL"}
+               for n in gqa)
+    assert {i.type.tensor_type.elem_type for i in m.graph.input if i.name.startswith("past_")} == {onnx.TensorProto.INT8}
+    inf = KVCacheInferencer(d, max_seq_len=64, batch_size=2)
+    prof = inf.memory_profile()
+    assert prof.bytes_per_token == 2 * 2 * 4 * 16 * 1                     # K,V x layers x heads x head_dim x 1 byte
+    assert prof.total_cache_bytes == sum(b.nbytes for b in (*inf.cache.keys, *inf.cache.values)) == 2 * 64 * prof.bytes_per_token
+    tokens = rng.integers(0, 1000, size=(2, 30))
+    inf.forward(tokens[:, :20])
+    snap = inf.snapshot()
+    assert snap.layers[0][0].dtype == np.int8
+    a = inf.forward(tokens[:, 20:])
+    inf.restore(snap)
+    np.testing.assert_array_equal(inf.forward(tokens[:, 20:]), a)
+    eng = Engine(d, max_sequences=3, max_seq_len=64)
+    s = eng.new_sequence()
+    eng.step({s: tokens[0, :20]})
+    c = eng.fork(s)
+    x, y = eng.step({s: tokens[0, 20:], c: tokens[0, 20:]}).values()
+    np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(x, a[0], atol=1e-4 * np.abs(a).max())     # the Engine's runs equal the inferencer's
+
+
+def test_kv_scales_cover_the_calibrated_range_with_the_margin():
+    from export.kv_calibration import MARGIN, kv_scales
+    k = np.array([[0.0, 1.0, 127.0]])
+    (ks, vs), = kv_scales([(k, 2 * k)])
+    np.testing.assert_allclose(ks, [[1.0, MARGIN / 127, MARGIN]], rtol=1e-6)   # a channel that never moved: 1
+    assert np.all(np.round(k / ks) <= 127 / MARGIN + 0.5)                      # the range maps inside +-127/margin
