@@ -51,3 +51,17 @@ def session_options(threads: int):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return so
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, or None with a warning when matplotlib is missing: a
+    benchmark writes its JSON first and its plots after, so a missing plotting library costs plots only."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("warning: matplotlib is not installed (pip install matplotlib): no plots; the results are in the JSON",
+              file=sys.stderr)
+        return None
+    return plt

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import environment
+from .common import pyplot, environment
 from .isolate import emit, out_dir, run_rounds, spread
 
 SYSTEMS = ("http", "in-process", "ray-1", "ray-2")
@@ -233,9 +233,9 @@ def worker(a) -> None:
 
 def plot_kill(got: dict, path: Path) -> None:
     """Tokens/s over the window of each --kill-at run, the kill and the replacement's return marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     runs = [(cell, r) for cell, rs in got.items() for r in rs if "killed_at_s" in r]
     if not runs:
         return

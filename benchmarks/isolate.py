@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,11 +37,19 @@ def emit(result: dict) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_worker(module: str, args: list[str], timeout: float) -> dict:
+class Case(NamedTuple):
+    """A worker to run with another interpreter or module than the benchmark's own (peers' venvs)."""
+
+    python: str
+    module: str
+    args: list
+
+
+def run_worker(module: str, args: list[str], timeout: float, python: str | None = None) -> dict:
     """Runs `python -m module --worker args...` alone; its RESULT, or {"failed": why}."""
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, "-m", module, "--worker", *args], capture_output=True, text=True,
+        p = subprocess.run([python or sys.executable, "-m", module, "--worker", *args], capture_output=True, text=True,
                            timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"failed": f"timed out after {timeout:.0f} s"}
@@ -58,21 +67,45 @@ def rotated(names: list, r: int) -> list:
     return names[k:] + names[:k]
 
 
-def run_rounds(module: str, cases: dict[str, list[str]], rounds: int, timeout: float = 1800) -> dict[str, list[dict]]:
-    """{case name: worker args} -> {case name: [result of each round]}, each case alone in its own process,
-    the order rotated every round; progress on stderr."""
+def run_rounds(module: str, cases: dict[str, list[str] | Case], rounds: int, timeout: float = 1800,
+               journal: Path | None = None) -> dict[str, list[dict]]:
+    """{case name: worker args, or a Case} -> {case name: [result of each round]}, each case alone in its own
+    process, the order rotated every round; progress on stderr.
+
+    With a `journal` (a JSON-lines file), every result is appended as it arrives and results already in
+    it for the same cases are taken instead of being measured again, so an interrupted run resumes
+    where it stopped."""
     names = list(cases)
     out: dict[str, list[dict]] = {n: [] for n in names}
+    kept: dict[tuple[int, str], dict] = {}
+    if journal is not None and journal.is_file():
+        for line in journal.read_text().splitlines():
+            e = json.loads(line)
+            if e["case"] in cases and e["spec"] == _spec(cases[e["case"]]):
+                kept[(e["round"], e["case"])] = e["result"]
     total, done, t0 = rounds * len(names), 0, time.perf_counter()
     for r in range(rounds):
         for name in rotated(names, r):
-            res = run_worker(module, cases[name], timeout)
+            c = cases[name]
+            res = kept.get((r, name))
+            if res is None:
+                res = run_worker(c.module, c.args, timeout, c.python) if isinstance(c, Case) else \
+                    run_worker(module, c, timeout)
+                if journal is not None:
+                    with journal.open("a") as f:
+                        f.write(json.dumps({"round": r, "case": name, "spec": _spec(c), "result": res}) + "\n")
+                how = "failed: " + res["failed"][:80] if "failed" in res else f"{res['process_wall_s']:.0f} s"
+            else:
+                how = f"from {journal.name}"
             out[name].append(res)
             done += 1
-            state = "failed: " + res["failed"][:80] if "failed" in res else f"{res['process_wall_s']:.0f} s"
-            print(f"[{done}/{total}, {time.perf_counter() - t0:.0f} s] round {r + 1}: {name}: {state}",
+            print(f"[{done}/{total}, {time.perf_counter() - t0:.0f} s] round {r + 1}: {name}: {how}",
                   file=sys.stderr, flush=True)
     return out
+
+
+def _spec(case: list[str] | Case) -> list:
+    return [case.python, case.module, *case.args] if isinstance(case, Case) else list(case)
 
 
 def spread(values: list[float]) -> dict:

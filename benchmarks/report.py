@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .common import pyplot
+
 VARIANTS = ("kvcache-infer-int8", "kvcache-infer-int4")   # weight-only quantized exports of ours
 ORDER = ("kvcache-infer", *VARIANTS, "hf-eager", "optimum", "optimum-iobinding", "genai", "ort-plain", "no-cache")
 
@@ -121,11 +123,8 @@ def _line(ax, pts, label, **kw):
 
 def plots(r: dict, stem: Path) -> list[Path]:
     """latency vs position (peers | our exports), tokens/s vs batch, first token vs prompt, cache memory."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     d, ft, w = r["decode"], r["first_token"], r["workload"]
     title = f"{r['config']} ({r['model']['layers']} layers, {r['model']['dtype']}), {r['rounds']} rounds"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import environment, session_options
+from .common import pyplot, environment, session_options
 from .isolate import emit, out_dir, run_rounds, spread
 
 SYSTEMS = ("engine-16", "engine-8", "sequential", "hf-static", "hf-continuous", "genai-static", "genai-engine")
@@ -337,9 +337,9 @@ def agreement(results: dict[str, list[dict]], ref: str) -> dict:
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     names = [n for n in summary if "failed" not in summary[n]]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, key, label in ((axes[0], "tokens_per_s", "generated tokens/s"), (axes[1], "ttft_p50_s", "time to first token p50 (s)"),
@@ -360,9 +360,9 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
 
 def plot_memory(run: dict, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     tl = run["memory_timeline"]
     t = [m["t"] for m in tl]
     mib, per, rows = 1 / 2**20, run["bytes_per_token"], run["rows_per_slot"]
@@ -453,9 +453,10 @@ def main() -> None:
             if mem:
                 record["memory_engine16_round1"] = {k: mem[k] for k in ("memory_timeline", "total_cache_bytes",
                                                                         "slots", "rows_per_slot", "bytes_per_token")}
+            (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")     # results first, plots after
+            if mem:
                 plot_memory(mem, out / f"{stem}_memory.png",
                             f"Engine (16 slots) cache memory over the serving workload, {model.name}")
-            (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
             plot(summary, out / f"{stem}.png", f"{a.requests} requests, {model.name}, "
                  f"{'all at once' if arrival == 'all' else f'Poisson {a.rate}/s'}, {a.threads} threads")
             print(f"\n{'system':15s} {'tokens/s':>22s} {'TTFT p50 / p99 s':>20s} {'per-token p50 / p99 ms':>24s}")

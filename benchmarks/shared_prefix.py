@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import environment, session_options
+from .common import pyplot, environment, session_options
 from .isolate import emit, out_dir, run_rounds, spread
 
 
@@ -45,9 +45,9 @@ def worker(a) -> None:
 
 
 def plot(record: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     summ = {k: v for k, v in record["summary"].items() if "failed" not in v}
     names = list(summ)
     fig, axes = plt.subplots(1, 2, figsize=(10, 2.8))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from kvcache_infer import KVCacheInferencer, Model
 
-from .common import environment, session_options
+from .common import pyplot, environment, session_options
 
 
 def rss_split() -> dict:
@@ -118,9 +118,9 @@ def main() -> None:
           + "; per 100k steps: " + ", ".join(f"{w['growth'] / 2**10:+.0f} KiB" for w in per_100k) + f"); per-window p50 {min(w['p50_ms'] for w in windows):.3f}-"
           f"{max(w['p50_ms'] for w in windows):.3f} ms, p99 {min(p99):.3f}-{max(p99):.3f} ms")
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
+        if plt is None:
+            raise ImportError("matplotlib")
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
         ax1.plot([s for s, _ in rss], [(r - rss[0][1]) / 2**10 for _, r in rss])
         ax1.set(xlabel="step", ylabel="RSS change since warm-up (KiB)", title="resident memory")

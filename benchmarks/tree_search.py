@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import environment, session_options
+from .common import pyplot, environment, session_options
 from .isolate import emit, out_dir, run_rounds, spread
 
 METHODS = ("no-cache", "reprefill", "restore", "rewind", "engine-fork", "engine-tree")
@@ -245,9 +245,9 @@ def worker(a) -> None:
 
 
 def plot(record: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     summ = {k: v for k, v in record["summary"].items() if "failed" not in v}
     names = list(summ)
     med = [summ[n]["evals_per_s"]["median"] for n in names]
