@@ -193,15 +193,16 @@ def worker(a) -> None:
 
 
 def memory_sweep(model, seq_lens, batches) -> list[dict]:
-    """Our cache allocation per (max_seq_len, batch) against the closed-form size."""
+    """Our cache allocation per (max_seq_len, batch), as the buffers report it, against the closed-form size."""
     from kvcache_infer import KVCacheInferencer
+    from kvcache_infer.cache import cache_bytes
     m = model.manifest
     rows = []
     for L in [s for s in seq_lens if s <= m.max_positions]:
         for b in batches:
             inf = KVCacheInferencer(model, max_seq_len=L, batch_size=b)
-            formula = 2 * m.num_layers * m.num_kv_heads * m.head_dim * L * b * np.dtype(m.dtype).itemsize
-            got = inf.memory_profile().total_cache_bytes
+            formula = cache_bytes(m, b, L)
+            got = inf.memory_profile().total_cache_bytes          # the K/V buffers' allocated bytes
             rows.append({"max_seq_len": L, "batch": b, "allocated_bytes": got, "formula_bytes": formula,
                          "equal": got == formula})
             del inf

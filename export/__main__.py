@@ -31,9 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                     help="weights and KV cache precision (logits are float32 either way; default float32)")
     ap.add_argument("--weights", choices=["int8", "int4", "w8a8"], default=None,
-                    help="weight-only quantization of every MatMul (lm_head included) and the embedding Gather "
-                         "with ORT's MatMulNBits quantizer; activations and the KV cache stay in --dtype. The "
-                         "export is then checked against a quality budget instead of equality (default: none)")
+                    help="quantized weights. int8/int4: weight-only, blocks of --block-size, for every MatMul "
+                         "(lm_head included) and the embedding Gather (ORT's MatMulNBits, which quantizes "
+                         "activations to int8 per block inside the kernel); w8a8: int8 weights per output column "
+                         "and int8 activations per row through ORT's int8 GEMM (MatMulIntegerToFloat; the fastest "
+                         "for prompts and many sequences on CPUs with VNNI). The KV cache stays in --dtype unless "
+                         "--kv-cache int8. Checked against a quality budget instead of equality (default: none)")
     ap.add_argument("--block-size", type=int, default=128,
                     help="quantization block size along K (default 128: faster than 32 on our CPU)")
     ap.add_argument("--asymmetric", action="store_true",

@@ -11,6 +11,7 @@ E = hidden, N heads, D = E/N, C = cache capacity chosen by the caller, V = vocab
     logits_index [R] int64                                        packed tokens whose logits are wanted
     greedy_index [G] int64                                        packed tokens whose greedy pick is wanted
                                                                   (fp32 graphs with the filtered head only)
+    greedy_probe [P,E] float32                                    rows for the int8 node alone (P = 0 but at load)
     attention_bias [1|B,1,S,C]                                    added to the scores (zeros; tree masks)
 
     h  = wte[input_ids] + wpe[position_ids]                       # [T,E]
@@ -25,7 +26,9 @@ E = hidden, N heads, D = E/N, C = cache capacity chosen by the caller, V = vocab
     logits = x[:R] @ wte^T                                        # [R,V]: only the rows asked for
     next_token = argmax(logits, -1)                               # [R] int64
     greedy_token = argmax(x[R:] @ wte^T, -1)                      # [G] int64 without reading the fp32 head:
-                                                                  # export/greedy.py (R = 0 in a greedy step of <= 2 rows)
+                                                                  # export/greedy.py (R = 0 in a greedy step of <= 2 rows);
+                                                                  # -1 for a row with non-finite activations
+    greedy_probe_scores [P,V] float32                             the int8 node's scores of the probe rows
 
 The matmuls run on the T real tokens only; attention runs on the padded [B,S] grid, where GQA's
 `query_seqlens` makes padding cells and idle rows (query_lengths 0) cost nothing and write nothing.
@@ -57,7 +60,9 @@ OPSET = 17
 #      enough head); an untied fp32 head is stored [V,E] and run as FusedMatMul(transB), like the tied one
 #   5: w8a8 graphs (export/linear.py: int8 GEMMs with per-row int8 activations) and the int8 KV cache
 #      (static per-channel scales); float graphs with a float cache as in 4
-GRAPH_REVISION = 5
+#   6: the greedy head takes probe rows through its int8 node (greedy_probe -> greedy_probe_scores: the
+#      runtime checks the kernel when it loads the model) and answers -1 for non-finite activations
+GRAPH_REVISION = 6
 
 
 def _act_fused(op):
@@ -106,10 +111,12 @@ def io_names(n_layer: int) -> dict:
         "token_cells": "token_cells",
         "logits_index": "logits_index",
         "greedy_index": "greedy_index",
+        "greedy_probe": "greedy_probe",
         "attention_bias": "attention_bias",
         "logits": "logits",
         "next_token": "next_token",
         "greedy_token": "greedy_token",
+        "greedy_probe_scores": "greedy_probe_scores",
         "past_key": [f"past_key_{i}" for i in range(n_layer)],
         "past_value": [f"past_value_{i}" for i in range(n_layer)],
         "present_key": [f"present_key_{i}" for i in range(n_layer)],
@@ -169,7 +176,8 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     activation = ACTIVATIONS[getattr(config, "activation_function", "gelu_new")]
     names = io_names(L)
     if not greedy_filter:
-        names["greedy_index"] = names["greedy_token"] = None
+        for n in ("greedy_index", "greedy_token", "greedy_probe", "greedy_probe_scores"):
+            names[n] = None
 
     def w(key: str) -> np.ndarray:
         return np.asarray(state[key], dtype=np.float32)
@@ -193,6 +201,7 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     keep = g.input(names["logits_index"], i64, ["logits_rows"])
     if greedy_filter:
         pick = g.input(names["greedy_index"], i64, ["greedy_rows"])
+        g.input(names["greedy_probe"], TensorProto.FLOAT, ["probe_rows", E])
     bias_in = g.input(names["attention_bias"], et, ["bias_rows", 1, "chunk", "capacity"])
     for i in range(L):
         g.input(names["past_key"][i], kv_t, ["rows", N, "capacity", D])
@@ -306,7 +315,9 @@ def build_gpt2_graph(config, state: dict[str, np.ndarray], dtype: str = "float32
     g.node("ArgMax", [names["logits"]], name="next_token/argmax", outputs=[names["next_token"]], axis=-1, keepdims=0)
     g.output(names["next_token"], TensorProto.INT64, ["logits_rows"])
     if greedy_filter:
-        greedy_head(g, x_greedy, head_rows, head_values, names["greedy_token"])                   # [G]
+        greedy_head(g, x_greedy, head_rows, head_values, names["greedy_token"], names["greedy_probe"],
+                    names["greedy_probe_scores"])                                                  # [G]
         g.output(names["greedy_token"], TensorProto.INT64, ["greedy_rows"])
+        g.output(names["greedy_probe_scores"], TensorProto.FLOAT, ["probe_rows", V])
     model = g.build("gpt2_kvcache_packed", mm.opset or OPSET, producer="kvcache-infer export")
     return model, names

@@ -68,16 +68,41 @@ def quantize_rows(W: np.ndarray, blk: int) -> tuple[np.ndarray, np.ndarray, np.n
     return (q + 128).astype(np.uint8), scale.reshape(-1), np.ascontiguousarray(table)
 
 
-def greedy_head(g: GraphBuilder, x: str, head_rows: str, W: np.ndarray, out: str, name: str = "greedy") -> str:
+def pick_record(W: np.ndarray) -> dict:
+    """The manifest's greedy_pick: the int8 node's block and what the load-time check (kvcache_infer/
+    pick_probe.py) must read back from it: sums and absolute sums of the probed columns of W^ [V,E]."""
+    from kvcache_infer.pick_probe import column_sums, probe_columns
+
+    V, E = W.shape
+    blk = block_for(E)
+    q, scales, _ = quantize_rows(W, blk)
+    cols = probe_columns(E, blk)
+    w_hat = (q.reshape(V, E)[:, cols].astype(np.float32) - 128) * scales.reshape(V, E // blk)[:, cols // blk]  # [V,|J|]
+    sums, abs_sums = column_sums(w_hat.T)
+    return {"block": blk, "sums": (tuple(map(float, sums)), tuple(map(float, abs_sums)))}
+
+
+def greedy_head(g: GraphBuilder, x: str, head_rows: str, W: np.ndarray, out: str, probe: str, probe_scores: str,
+                name: str = "greedy") -> str:
     """Adds the filtered exact argmax of x [G,E] fp32 against the initializer `head_rows` [V,E] (values
-    W) and returns `out`, [G] int64. G may be 0."""
+    W) and returns `out`, [G] int64: -1 for a row with a NaN or infinite activation. G may be 0.
+
+    The graph input `probe` [P,E] goes through the same int8 node as x, and its scores come out as
+    `probe_scores` [P,V] (P = 0 in every run but the load-time check of the kernel,
+    kvcache_infer/pick_probe.py)."""
     V, E = W.shape
     blk = block_for(E)
     nb = E // blk
     w8, scales, table = quantize_rows(W, blk)
-    (approx,) = g.node("MatMulNBits", [x, g.weight(f"{name}/w8", w8), g.weight(f"{name}/scales", scales)],
+    (both,) = g.node("Concat", [x, probe], name=f"{name}/with_probe", axis=0)                # [G+P,E]
+    (scores,) = g.node("MatMulNBits", [both, g.weight(f"{name}/w8", w8), g.weight(f"{name}/scales", scales)],
                        name=f"{name}/approx", domain=MS_DOMAIN, K=E, N=V, bits=8, block_size=blk,
-                       accuracy_level=4)                                                    # [G,V]
+                       accuracy_level=4)                                                    # [G+P,V]
+    (G,) = g.node("Shape", [x], name=f"{name}/rows", start=0, end=1)                        # [1]: G
+    axis0 = g.const_i64(f"{name}/axis0", [0])
+    (approx,) = g.node("Slice", [scores, g.const_i64(f"{name}/zero1", [0]), G, axis0], name=f"{name}/own")  # [G,V]
+    g.node("Slice", [scores, G, g.const_i64(f"{name}/int64_max", [2 ** 63 - 1]), axis0], name=f"{name}/probe",
+           outputs=[probe_scores])                                                          # [P,V]
     (ax,) = g.node("Abs", [x], name=f"{name}/abs")
     (axb,) = g.node("Reshape", [ax, g.const_i64(f"{name}/blocks", [0, nb, blk])], name=f"{name}/blocks")  # [G,nb,blk]
     (l1,) = g.node("ReduceSum", [axb, g.const_i64(f"{name}/axis2", [2])], name=f"{name}/l1", keepdims=0)  # [G,nb]
@@ -100,6 +125,13 @@ def greedy_head(g: GraphBuilder, x: str, head_rows: str, W: np.ndarray, out: str
                      name=f"{name}/grid")                                                    # [G,V]
     (cells,) = g.node("Transpose", [nz], name=f"{name}/cells", perm=[1, 0])                  # [N,2]
     (scored,) = g.node("ScatterND", [grid, cells, dots], name=f"{name}/scored")              # [G,V]
-    g.node("ArgMax", [scored], name=f"{name}/argmax", outputs=[out], axis=-1, keepdims=0)    # [G]
+    (best,) = g.node("ArgMax", [scored], name=f"{name}/argmax", axis=-1, keepdims=0)          # [G]
+    # A NaN or infinite activation leaves no candidate (or a wrong one): such rows answer -1, which the
+    # runtime raises as an error instead of returning token 0.
+    (total,) = g.node("ReduceSum", [x, g.const_i64(f"{name}/axis1_sum", [1])], name=f"{name}/sum", keepdims=0)  # [G]
+    (nan,) = g.node("IsNaN", [total], name=f"{name}/isnan")
+    (inf,) = g.node("IsInf", [total], name=f"{name}/isinf")
+    (bad,) = g.node("Or", [nan, inf], name=f"{name}/nonfinite")
+    g.node("Where", [bad, g.const_i64(f"{name}/minus_one", -1), best], name=f"{name}/checked", outputs=[out])  # [G]
     return out
 

@@ -126,7 +126,9 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
             block_size, symmetric, greedy, reference, kv_cache, log) -> Path:
     import onnx
 
-    from kvcache_infer.manifest import GREEDY_IO, PACKED_INPUTS, Manifest
+    from kvcache_infer.manifest import GREEDY_IO, PACKED_INPUTS, PROBE_IO, Manifest
+
+    from .greedy import pick_record
 
     cfg = hf_model.config
     E, N, L = cfg.n_embd, cfg.n_head, cfg.n_layer
@@ -142,6 +144,7 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
                      "calibration": f"{ids.shape[0]} x {ids.shape[1]} uniform random token ids, seed 0"}
     with _step("building the graph", log):
         state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+        pick = pick_record(state.get("lm_head.weight", state["transformer.wte.weight"])) if greedy else None
         model, names = build_gpt2_graph(cfg, state, dtype=dtype, lm_head="matmul" if weights else "tied",
                                         greedy_filter=greedy, gemms="int8-rows" if weights == "w8a8" else "float",
                                         kv_scales=scales)
@@ -173,7 +176,8 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
         present_key=tuple(names["present_key"]), present_value=tuple(names["present_value"]),
         model_file=path.name, model_bytes=path.stat().st_size, tokens="packed",
         cache_dtype="int8" if kv_cache == "int8" else None,
-        **{n: names[n] for n in PACKED_INPUTS + GREEDY_IO})
+        greedy_block=pick and pick["block"], greedy_sums=pick and pick["sums"],
+        **{n: names[n] for n in PACKED_INPUTS + GREEDY_IO + PROBE_IO})
     record = manifest.to_json()
     record.update({"source": source, "exporter": _versions(),
                    "opset": next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import

@@ -22,7 +22,13 @@ class DeviceBuffer:
             if fill is not None:
                 self.ortvalue.update_inplace(np.full(shape, fill, dtype))
         self.ptr = self.ortvalue.data_ptr()
-        self.nbytes = int(np.prod(shape)) * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """What was allocated, as the allocation reports it (numpy's buffer; ORT's tensor on CUDA)."""
+        if self.host is not None:
+            return self.host.nbytes
+        return int(np.prod(self.ortvalue.shape(), dtype=np.int64)) * self.dtype.itemsize
 
     def write_at(self, index, array: np.ndarray) -> None:
         """buffer[index] = array. CPU: in place; CUDA: through a host copy of the whole buffer

@@ -45,7 +45,11 @@ class KVCache(ABC):
 
     def __init__(self, manifest: Manifest, rows: int, capacity: int, device: str, device_id: int):
         self.m, self.rows, self.capacity, self.device = manifest, rows, capacity, device
-        self.nbytes = cache_bytes(manifest, rows, capacity)
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of the K and V buffers as allocated (the tests compare it with cache_bytes())."""
 
     @property
     @abstractmethod
@@ -120,6 +124,10 @@ class InPlaceCache(KVCache):
     def lengths(self) -> np.ndarray:
         return self._lengths
 
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.keys + self.values)
+
     def bind(self, io: ort.IOBinding, rows: int | None = None) -> None:
         """Rows [0, rows) (default: all) as past and present of every layer: a view, nothing copied."""
         m, shape = self.m, (self.rows if rows is None else rows, *self.shape[1:])
@@ -191,6 +199,10 @@ class GrowingCache(KVCache):
     @property
     def lengths(self) -> np.ndarray:
         return _frozen(np.full(self.rows, self._state[1]))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for pair in self.bufs for b in pair)
 
     @property
     def offset(self) -> int:

@@ -207,7 +207,7 @@ def cmd_info(a) -> int:
           f"hidden {m.hidden_size}, vocab {m.vocab_size}, {m.max_positions} positions")
     print(f"precision  : weights {m.weights or m.dtype}, activations {m.dtype}, cache {m.kv_dtype}, logits {m.logits_dtype}")
     print(f"cache      : {m.layout} layout, {m.cache_bytes_per_token} bytes per token, attention {m.attention}")
-    pick = ("filtered head: int8 filter, exact fp32 rescoring (greedy_index -> greedy_token)" if m.greedy_index
+    pick = (model.greedy_pick.reason if m.greedy_index
             else "ArgMax of the logits rows" if m.next_token else "argmax of the logits, on the host")
     print(f"greedy pick: {pick}")
     try:

@@ -357,7 +357,7 @@ class Engine:
                     if keep:
                         rows[seq] = slice(r, r + k)
                     r += k
-                for seq in pick - picked.keys():        # a graph without greedy_index: the row's ArgMax
+                for seq in pick - picked.keys():        # no filtered head (or set aside at load): the row's ArgMax
                     if seq in rows:
                         picked[seq] = int(tokens[rows.pop(seq)][-1])
                 if pieces == 1:

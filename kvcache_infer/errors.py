@@ -29,6 +29,10 @@ class InferenceError(KVCacheError, RuntimeError):
     """ONNX Runtime failed inside a run; the cache and position are as they were before the call."""
 
 
+class NonFiniteError(InferenceError):
+    """The model's activations were NaN or infinite where a greedy token was to be picked."""
+
+
 class ConcurrentUseError(KVCacheError, RuntimeError):
     """An inferencer (one sequence) was entered from a second thread while in use."""
 

@@ -29,6 +29,7 @@ ORT_TYPE_TO_DTYPE = {"tensor(float)": "float32", "tensor(float16)": "float16", "
 # The extra inputs of a packed graph, in manifest order (docs/manifest.md says what each holds).
 PACKED_INPUTS = ("cache_lengths", "query_lengths", "padded_tokens", "token_cells", "logits_index", "attention_bias")
 GREEDY_IO = ("greedy_index", "greedy_token")   # optional in packed graphs: both or neither
+PROBE_IO = ("greedy_probe", "greedy_probe_scores")   # optional with GREEDY_IO (graph revision 6 on): both or neither
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,13 @@ class Manifest:
     logits_index: str | None = None     # packed: [R] int64, packed tokens whose logits are computed
     attention_bias: str | None = None   # packed: [1|B,1,S,C] dtype, added to the attention scores
     greedy_index: str | None = None     # packed, optional: [G] int64, packed tokens whose greedy pick is wanted
-    greedy_token: str | None = None     # packed, optional: [G] int64, their picks (no logits computed)
+    greedy_token: str | None = None     # packed, optional: [G] int64, their picks (no logits computed; -1:
+                                        # the row's activations are not finite)
+    greedy_probe: str | None = None     # with greedy_index, optional: [P,E] fp32 rows through the pick's int8 node
+    greedy_probe_scores: str | None = None  # [P,V] fp32, that node's scores of the probe rows
+    greedy_block: int | None = None     # with greedy_probe: the int8 node's block of columns (MatMulNBits block_size)
+    greedy_sums: tuple | None = None    # with greedy_probe: (sums, absolute sums) over the vocabulary of the int8
+                                        # head's probed columns (kvcache_infer/pick_probe.py)
     cache_dtype: str | None = None  # KV cache element type when it differs from dtype ("int8")
 
     @property
@@ -94,7 +101,8 @@ class Manifest:
         """The packed graph's row inputs, greedy_index included where the graph has it ((): a padded graph)."""
         if self.tokens != "packed":
             return ()
-        return tuple(getattr(self, n) for n in PACKED_INPUTS) + ((self.greedy_index,) if self.greedy_index else ())
+        return tuple(getattr(self, n) for n in PACKED_INPUTS) + tuple(
+            getattr(self, n) for n in ("greedy_index", "greedy_probe") if getattr(self, n))
 
     def to_json(self) -> dict:
         return {
@@ -132,8 +140,10 @@ class Manifest:
                 "present_key": list(self.present_key),
                 "present_value": list(self.present_value),
                 **{n: getattr(self, n) for n in PACKED_INPUTS if self.tokens == "packed"},
-                **{n: getattr(self, n) for n in GREEDY_IO if getattr(self, n)},
+                **{n: getattr(self, n) for n in GREEDY_IO + PROBE_IO if getattr(self, n)},
             },
+            **({"greedy_pick": {"block_size": self.greedy_block, "column_sums": list(self.greedy_sums[0]),
+                                "column_abs_sums": list(self.greedy_sums[1])}} if self.greedy_block else {}),
         }
 
     @classmethod
@@ -162,7 +172,10 @@ class Manifest:
                 model_file=data.get("model_file", "model.onnx"), model_bytes=data.get("model_bytes"),
                 source=source, tokens=str(data.get("tokens", "padded")),
                 cache_dtype=None if cache.get("dtype", data["dtype"]) == data["dtype"] else str(cache["dtype"]),
-                **{n: io.get(n) for n in PACKED_INPUTS + GREEDY_IO},
+                **{n: io.get(n) for n in PACKED_INPUTS + GREEDY_IO + PROBE_IO},
+                greedy_block=(data.get("greedy_pick") or {}).get("block_size"),
+                greedy_sums=(tuple(map(float, data["greedy_pick"]["column_sums"])),
+                             tuple(map(float, data["greedy_pick"]["column_abs_sums"]))) if data.get("greedy_pick") else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelFormatError(f"{source}: malformed manifest ({type(e).__name__}: {e})") from None
@@ -198,6 +211,10 @@ class Manifest:
             bad.append("greedy_index and greedy_token come together (one is named, the other is not)")
         elif self.greedy_index and self.tokens != "packed":
             bad.append("greedy_index/greedy_token are I/O of packed graphs only")
+        if not (bool(self.greedy_probe) == bool(self.greedy_probe_scores) == bool(self.greedy_block) == bool(self.greedy_sums)):
+            bad.append("greedy_probe, greedy_probe_scores and greedy_pick come together")
+        elif self.greedy_probe and not self.greedy_index:
+            bad.append("greedy_probe needs greedy_index (it checks the greedy pick's kernel)")
         for name in ("past_key", "past_value", "present_key", "present_value"):
             if len(getattr(self, name)) != self.num_layers:
                 bad.append(f"{len(getattr(self, name))} {name} names for {self.num_layers} layers")
@@ -217,7 +234,7 @@ class Manifest:
         need_in = [self.input_ids, *self.past_key, *self.past_value]
         need_in += [n for n in (self.position_ids, self.attention_mask, *self.packed_inputs) if n]
         need_out = [self.logits, *self.present_key, *self.present_value]
-        need_out += [n for n in (self.next_token, self.greedy_token) if n]
+        need_out += [n for n in (self.next_token, self.greedy_token, self.greedy_probe_scores) if n]
         missing = [f"input {n!r}" for n in need_in if n not in inputs]
         missing += [f"output {n!r}" for n in need_out if n not in outputs]
         if missing:

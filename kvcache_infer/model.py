@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from .errors import DeviceError, InvalidInputError, ModelFormatError, ModelNotFoundError
 from .manifest import Manifest, load_manifest, manifest_from_graph
+from .pick_probe import PickPath, check_greedy_pick
 
 DEVICES = ("cpu", "cuda")
 BUILTIN = Path(__file__).parent / "models"          # models installed with the package, loadable by name
@@ -64,6 +65,10 @@ class Model:
         device_id: the CUDA device ordinal.
         intra_op_threads: ORT intra-op threads (None: ORT's default, one per physical core).
         session_options: a prepared ort.SessionOptions (threads above still apply when given).
+
+    Attributes: session, manifest, dir, file, device, device_id, and greedy_pick: a PickPath saying
+    whether greedy picks use the export's filtered int8 head, checked when the model loads
+    (kvcache_infer/pick_probe.py; a GreedyPickWarning when it is set aside), and why.
     """
 
     def __init__(self, path: str | Path, *, device: str = "cpu", device_id: int = 0,
@@ -121,6 +126,7 @@ class Model:
         if extra:
             raise ModelFormatError(f"the graph has inputs the manifest does not describe: {extra}")
         self.manifest: Manifest = manifest
+        self.greedy_pick: PickPath = check_greedy_pick(self.session, manifest)
 
     @property
     def tokenizer(self):

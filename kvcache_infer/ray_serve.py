@@ -144,7 +144,15 @@ class RayBackend(Backend):
         pass
 
     async def healthy(self) -> bool:
+        """Every EngineReplica of this application is running (Ray Serve's deployment status HEALTHY) and
+        one answers. Not while replicas are still starting: a session routed then would move to another
+        replica, away from its cached prefix, when the next one joins the hash ring."""
         try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), 5)
+            app = status.applications.get(serve.get_replica_context().app_name)
+            deployment = app and app.deployments.get("EngineReplica")
+            if deployment is None or deployment.status != "HEALTHY":
+                return False
             await asyncio.wait_for(self.replicas.ping.remote(), 5)
             return True
         except Exception:
@@ -315,7 +323,7 @@ def run(options: ReplicaOptions, replicas: int, limits: ServeLimits = ServeLimit
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build(options, replicas, limits, shutdown_timeout_s, log_level), name=name, route_prefix="/",
-                  blocking=False)
+                  blocking=False)      # returns when every replica runs
         print(f"kvcache-infer serve: ready on http://{host}:{port}/v1", file=sys.stderr, flush=True)
         while not stop.wait(0.5):
             pass
@@ -323,7 +331,29 @@ def run(options: ReplicaOptions, replicas: int, limits: ServeLimits = ServeLimit
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        serve.delete(name)           # waits while the replicas drain; the HTTP proxy stays up meanwhile
-        if not address:
-            serve.shutdown()
-        ray.shutdown()
+        # A signal to the whole process group (systemd's default KillMode, `kill -- -PGID`) stops Ray's
+        # own processes too, and every call into Ray would then wait for them: each step gets a deadline.
+        if _within(2, serve.status):
+            drained = _within(shutdown_timeout_s + 2, lambda: serve.delete(name))   # the replicas drain
+            if drained and not address:
+                _within(10, serve.shutdown)
+        if not _within(3, ray.shutdown):
+            print("kvcache-infer serve: Ray's processes do not answer (stopped by the same signal?); exiting "
+                  "without them", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(0)                # Ray's exit hooks would wait for the processes that are gone
+
+
+def _within(seconds: float, call) -> bool:
+    """Runs call() in a daemon thread; whether it returned (without raising) within `seconds`."""
+    import threading
+    done = threading.Event()
+
+    def target():
+        try:
+            call()
+            done.set()
+        except Exception:
+            pass
+    threading.Thread(target=target, daemon=True).start()
+    return done.wait(seconds)

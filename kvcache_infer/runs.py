@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from .buffers import DeviceBuffer, HostArray
 from .cache import KVCache
-from .errors import InferenceError, KVCacheError
+from .errors import InferenceError, KVCacheError, NonFiniteError
 from .manifest import DTYPES
 from .model import Model
 
@@ -181,7 +181,11 @@ class PackedRun(BoundRun):
         self._next = HostArray(max_logits, np.int64)
         # Graphs with greedy_index pick a greedy step's tokens without computing logits rows (G rows;
         # G = 0 in runs that want logits).
+        # G rows; G = 0 in runs that want logits, and in every run when the load-time check set the filter
+        # aside (model.greedy_pick). The int8 node's probe rows are bound empty.
         self._greedy = (HostArray(max(rows, 2), np.int64), HostArray(max(rows, 2), np.int64)) if m.greedy_index else None
+        self.picks = model.greedy_pick.filtered
+        self._no_probe = HostArray(1, np.float32) if m.greedy_probe else None
         self._arange = np.arange(max(self.max_tokens, C + max_chunk), dtype=np.int64)   # positions, indices
         self._neg = np.finfo(m.np_dtype).min
         self.io = model.session.io_binding()
@@ -219,6 +223,9 @@ class PackedRun(BoundRun):
         if self._greedy:
             self._greedy[0].bind_input(io, m.greedy_index, [G])
             self._greedy[1].bind_output(io, m.greedy_token, [G])
+        if self._no_probe:
+            self._no_probe.bind_input(io, m.greedy_probe, [0, m.hidden_size])
+            self._no_probe.bind_output(io, m.greedy_probe_scores, [0, m.vocab_size])
         if self._bound is None or self._bound[1] != B:
             self.cache.bind(io, B)
         self._bound = key
@@ -232,7 +239,7 @@ class PackedRun(BoundRun):
     def lockstep(self, ids: np.ndarray, greedy: bool, all_positions: bool = False) -> np.ndarray:
         B, n = ids.shape
         T, P = B * n, self.cache.offset
-        pick = greedy and self._greedy is not None and not all_positions and B <= MAX_PICK_ROWS  # no logits rows
+        pick = greedy and self.picks and not all_positions and B <= MAX_PICK_ROWS  # no logits rows
         R = T if all_positions else 0 if pick else B
         G = B if pick else 0
         if n > self.max_chunk:
@@ -259,7 +266,7 @@ class PackedRun(BoundRun):
         self._bind(T, B, n, R, tree=False, G=G)
         run_bound(self.model, self.io, f"{n} token(s) at position {P}")
         if pick:
-            return self._greedy[1].array[:G].copy()                     # [B] int64
+            return _checked(self._greedy[1].array[:G].copy(), f"{n} token(s) at position {P}")   # [B] int64
         logits, nxt = self._outputs(R)
         if greedy:
             return np.array(nxt)
@@ -304,7 +311,7 @@ class PackedRun(BoundRun):
                 self._tree_bias = HostArray(self.cache.rows * self.max_chunk * C, self.m.np_dtype)
             bias = self._tree_bias.view((rows, 1, S, C))
             bias[:] = 0
-        picks = self._greedy[0].array if self._greedy else None
+        picks = self._greedy[0].array if self.picks else None
         off = r = gr = 0
         for c in chunks:
             n = len(c.ids)
@@ -338,4 +345,14 @@ class PackedRun(BoundRun):
         self._bind(T, rows, S, kept, tree, G=picked)
         run_bound(self.model, self.io, f"{T} token(s) over {len(chunks)} row(s)")
         logits, nxt = self._outputs(r)
-        return logits, nxt, (self._greedy[1].array[:gr] if gr else None)
+        return logits, nxt, (_checked(self._greedy[1].array[:gr], f"{T} token(s) over {len(chunks)} row(s)") if gr
+                             else None)
+
+
+def _checked(picks: np.ndarray, what: str) -> np.ndarray:
+    """The greedy head answers -1 for rows whose activations are not finite."""
+    if (picks < 0).any():
+        raise NonFiniteError(f"the model's activations are NaN or infinite at {int((picks < 0).sum())} of the "
+                             f"{len(picks)} picked rows in a run of {what}: no greedy token exists; the cache and "
+                             "positions are unchanged (check the model's weights and the inputs)")
+    return picks

@@ -1,12 +1,21 @@
 """Tiny GPT-2s with fixed seeds, exported once per test session (ours and Optimum's)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from export.pipeline import export_gpt2
+
+# Hypothesis profiles, loaded here so that every test module's @settings (built at import) inherits them.
+_checks = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True, suppress_health_check=_checks)
+settings.register_profile("nightly", max_examples=500, deadline=None, suppress_health_check=_checks)
+settings.load_profile(os.environ.get("KVCACHE_HYPOTHESIS_PROFILE", "ci"))
 
 # Two different shapes, and the graph's optional paths: exact GELU and 1/(layer+1) attention scaling.
 CONFIGS = {

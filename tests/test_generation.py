@@ -42,15 +42,17 @@ def test_in_graph_argmax_equals_host_argmax(exported, rng):
     assert fast == slow
 
 
-@pytest.mark.parametrize("layout", ["inplace", "growing"])
-def test_next_tokens_is_forward_then_argmax_per_row(layout, exported, optimum_dir, rng):
-    """Batched greedy steps: next_tokens() == forward().argmax(-1), chunk or single token, on both layouts."""
+@pytest.mark.parametrize("layout,B", [("inplace", 2), ("inplace", 3), ("growing", 3)])
+def test_next_tokens_is_forward_then_argmax_per_row(layout, B, exported, optimum_dir, rng):
+    """Batched greedy steps: next_tokens() == forward().argmax(-1), chunk or single token, on both layouts;
+    tiny-a (inplace) picks through its filtered head for 2 rows (MAX_PICK_ROWS) and the logits' ArgMax for 3."""
     path = exported["tiny-a"] if layout == "inplace" else optimum_dir
-    fast, slow = KVCacheInferencer(path, batch_size=3), KVCacheInferencer(path, batch_size=3)
-    ids = rng.integers(0, 1000, size=(3, 5))
+    fast, slow = KVCacheInferencer(path, batch_size=B), KVCacheInferencer(path, batch_size=B)
+    assert fast.model.greedy_pick.filtered == (layout == "inplace")
+    ids = rng.integers(0, 1000, size=(B, 5))
     tok, logits = fast.next_tokens(ids), slow.forward(ids)
     for _ in range(20):
-        assert tok.dtype == np.int64 and tok.shape == (3,)
+        assert tok.dtype == np.int64 and tok.shape == (B,)
         np.testing.assert_array_equal(tok, logits.argmax(-1))
         tok, logits = fast.next_tokens(tok[:, None]), slow.forward(tok[:, None])
     assert fast.position == slow.position == 25

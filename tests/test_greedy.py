@@ -19,8 +19,10 @@ def _session(W: np.ndarray, extra_outputs=()):
     V, E = W.shape
     g = GraphBuilder()
     x = g.input("x", TensorProto.FLOAT, ["G", E])
-    greedy_head(g, x, g.weight("W", W), W, "token")
+    probe = g.input("probe", TensorProto.FLOAT, ["P", E])
+    greedy_head(g, x, g.weight("W", W), W, "token", probe, "probe_scores")
     g.output("token", TensorProto.INT64, ["G"])
+    g.output("probe_scores", TensorProto.FLOAT, ["P", V])
     for name in extra_outputs:
         g.output(name, TensorProto.FLOAT, ["G", V])
     so = ort.SessionOptions()
@@ -48,7 +50,7 @@ def test_bound_covers_the_kernels_error(V, E):
     W, x = _hard_case(V, E, seed=E)
     s = _session(W, extra_outputs=("greedy/approx/out0", "greedy/bound/out0"))
     for rows in (x[:1], x[1:2], x[:17], x):                             # one-row and many-row kernel paths
-        _, approx, bound = s.run(None, {"x": rows})
+        _, _, approx, bound = s.run(None, {"x": rows, "probe": np.zeros((0, E), np.float32)})
         exact = rows.astype(np.float64) @ W.T.astype(np.float64)
         assert np.all(np.abs(approx - exact) <= bound), float((np.abs(approx - exact) / bound).max())
 
@@ -59,7 +61,7 @@ def test_picks_equal_the_exact_argmax(V, E):
     s = _session(W)
     exact = x.astype(np.float64) @ W.T.astype(np.float64)             # [G,V]
     for rows in ([0], [5], list(range(64)), []):
-        (got,) = s.run(None, {"x": x[rows].reshape(len(rows), E)})
+        got, _ = s.run(None, {"x": x[rows].reshape(len(rows), E), "probe": np.zeros((0, E), np.float32)})
         assert got.shape == (len(rows),)
         for g, tok in zip(rows, got):
             # float32 rounding may order a float64 near-tie either way; nothing more

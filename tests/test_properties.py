@@ -1,26 +1,19 @@
 """Property-based tests (hypothesis).
 
-    CI: 50 examples per property.  Nightly: KVCACHE_HYPOTHESIS_PROFILE=nightly (500 examples).
+    CI: 50 examples per property.  Nightly: KVCACHE_HYPOTHESIS_PROFILE=nightly (500 examples). The
+    profiles are loaded in conftest.py, before any test module builds its settings.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from kvcache_infer import KVCacheError, KVCacheInferencer, Model
 
 from .conftest import hf_logits
-
-settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-settings.register_profile("nightly", max_examples=500, deadline=None,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-settings.load_profile(os.environ.get("KVCACHE_HYPOTHESIS_PROFILE", "ci"))
 
 CAP, V = 48, 1000
 token = st.integers(0, V - 1)

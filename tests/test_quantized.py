@@ -26,9 +26,6 @@ def quantized(hf_models, tmp_path_factory):
     return out
 
 
-BUDGET = {**QUALITY_BUDGET, "kv8": QUALITY_BUDGET["kv-int8"], "w8a8-kv8": QUALITY_BUDGET["w8a8"]}
-
-
 @pytest.mark.parametrize("w", ["int8", "int4"])
 def test_quantized_graph_and_manifest(w, quantized):
     m = onnx.load(str(quantized[w] / "model.onnx"))
@@ -86,14 +83,18 @@ def test_int8_rows_matmul_is_the_integer_product_of_row_and_column_quantized_ope
         assert np.array_equal(sess.run(None, {"x": x[i:i + 1]})[0][0], got[i])
 
 
-@pytest.mark.parametrize("w,err", [("int8", 0.05), ("int4", 0.3), ("w8a8", 0.05), ("kv8", 0.02), ("w8a8-kv8", 0.05)])
-def test_quantized_logits_track_pytorch(w, err, quantized, hf_models, rng):
+# Measured on tiny-a over 5 seeds (82 positions each): mean |err| / std 0.0063, 0.080, 0.0065, 0.0001, 0.0065;
+# top-1 0.94-0.99, 0.54-0.68, 0.96-0.99, 1.0, 0.96-0.99. The bounds leave ~2x room on the error and sit
+# below the worst seed's agreement (the export's own budget, QUALITY_BUDGET, is looser: any checkpoint).
+@pytest.mark.parametrize("w,err,top1", [("int8", 0.02, 0.9), ("int4", 0.15, 0.5), ("w8a8", 0.02, 0.9),
+                                        ("kv8", 0.002, 0.98), ("w8a8-kv8", 0.02, 0.9)])
+def test_quantized_logits_track_pytorch(w, err, top1, quantized, hf_models, rng):
     tokens = rng.integers(0, 1000, size=(2, 50))
     ref = hf_logits(hf_models["tiny-a"], tokens)[:, 9:]
     inf = KVCacheInferencer(quantized[w], batch_size=2)
     got = np.stack([inf.forward(tokens[:, :10])] + [inf.forward(tokens[:, t:t + 1]) for t in range(10, 50)], 1)
     assert np.abs(got - ref).mean() / ref.std() < err
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= BUDGET[w]["top1"]   # random weights: near-flat logits
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= top1
 
 
 @pytest.mark.parametrize("w", ["int4", "kv8"])

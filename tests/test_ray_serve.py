@@ -35,6 +35,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_health_waits_for_every_replica_and_sigterm_to_the_process_group_stops_within_the_timeout(tmp_path):
+    """Straight after start-up, as soon as /health answers 200: the README's three-turn block, every later
+    turn adopting its earlier turns (no replica joins the hash ring after /health says ready, so the
+    session stays put); then SIGTERM to the whole process group (systemd's default KillMode), which
+    stops Ray's own processes too: the server exits within --shutdown-timeout + 5 s. (Runs before the
+    module's cluster starts: one local Ray instance at a time.)"""
+    port, log, timeout = free_port(), tmp_path / "serve.log", 5
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*CLI, "serve", "--replicas", "2", "--threads", "1", "--port", str(port),
+                                 "--shutdown-timeout", str(timeout)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, f"serve exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() - t0 < 240, f"never healthy:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        c = client(url)
+        history, previous = "def parse(line):\n", None
+        for turn in range(3):
+            r = c.completions.create(model="pybytes", prompt=history, max_tokens=40, temperature=0, user="session-42")
+            if previous is not None:
+                assert r.usage.prompt_tokens_details.cached_tokens >= previous, (turn, r.usage, previous)
+            previous = r.usage.prompt_tokens
+            history += r.choices[0].text + "\n# next\n"
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout + 5)
+        assert time.monotonic() - t0 < timeout + 5
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)      # whatever of Ray is left in the group
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """`kvcache-infer serve --replicas 2` in its own process group; yields its URL."""
@@ -121,27 +164,36 @@ def test_a_replica_killed_under_load_fails_no_request_silently_and_comes_back(cl
                         model="pybytes", prompt=f"def load_{k}():\n", max_tokens=48, temperature=0, stream=True,
                         user=f"load{k}") if ch.choices]
                     outcomes.append(("ok" if got[-1] == "length" and len(got) >= 2 else f"short {got}",
-                                     time.monotonic() - t0))
+                                     time.monotonic() - t0, k, t0))
                 except openai.APIStatusError as e:
-                    outcomes.append((f"status {e.status_code}: {e.message}", time.monotonic() - t0))
+                    outcomes.append((f"status {e.status_code}: {e.message}", time.monotonic() - t0, k, t0))
                 except openai.APIError as e:        # an error event in the stream
-                    outcomes.append((f"error: {e.message}", time.monotonic() - t0))
+                    outcomes.append((f"error: {e.message}", time.monotonic() - t0, k, t0))
 
         home = {k: complete(url, "x", f"load{k}", 1)[0] for k in range(8)}
         old = replicas()
         victim = Counter(home.values()).most_common(1)[0][0]       # the replica with the most load sessions
+        assert victim in old, (victim, old)
         threads = [threading.Thread(target=load, args=(k,)) for k in range(8)]
         for t in threads:
             t.start()
         time.sleep(6)
         ray.kill(ray.get_actor(f"SERVE_REPLICA::kvcache-infer#EngineReplica#{victim}", namespace="serve"),
                  no_restart=True)
+        killed_at = time.monotonic()
+        gone = time.monotonic() + 30                               # the kill hit the replica
+        while victim in replicas():
+            assert time.monotonic() < gone, f"{victim} is still listed after ray.kill"
+            time.sleep(0.2)
         for t in threads:
             t.join(120)
         assert not any(t.is_alive() for t in threads), "a client hangs"
-        kinds = Counter("ok" if o == "ok" else "retryable" if "retry" in o else o for o, _ in outcomes)
+        kinds = Counter("ok" if o == "ok" else "retryable" if "retry" in o else o for o, *_ in outcomes)
         assert set(kinds) <= {"ok", "retryable"}, kinds
-        assert kinds["ok"] >= 8 and max(s for _, s in outcomes) < 60, (kinds, max(s for _, s in outcomes))
+        assert kinds["ok"] >= 8 and max(s for _, s, *_ in outcomes) < 60, (kinds, max(s for _, s, *_ in outcomes))
+        orphans = {k for k, r in home.items() if r == victim}        # sessions of the killed replica ...
+        assert any(o == "ok" and k in orphans and t0 > killed_at for o, _, k, t0 in outcomes), \
+            "no session of the killed replica was served after the kill"     # ... served elsewhere since
 
         t0 = time.monotonic()
         while not (len(replicas()) == 2 and victim not in replicas()):

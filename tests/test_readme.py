@@ -1,4 +1,5 @@
-"""Every Python block of the README runs as written, in order, in one namespace, from the repo root.
+"""Every Python block of the README runs as written, in order, in one namespace, from the repo root,
+and prints what its `print(...)  # -> EXPECTED` comments say (a line of the block's output starts so).
 A block that starts with "# with `kvcache-infer serve [OPTIONS]` running:" runs against a
 `kvcache-infer serve OPTIONS` started for it (on port 8000 when that is free, else on a free port
 substituted into the block)."""
@@ -16,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_MARK = re.compile(r"# with `kvcache-infer serve([^`]*)` running:")
+EXPECT = re.compile(r"^\s*print\(.*\)\s*# -> (.+?)(?:\s{2,}|$)", re.M)
 
 
 def python_blocks(text: str) -> list[str]:
@@ -62,6 +64,7 @@ def test_readme_python_blocks_run_as_written(capsys):
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
+        out, expected = "", 0
         for i, block in enumerate(blocks, 1):
             code = compile(block, f"README.md python block {i}", "exec")
             mark = SERVER_MARK.match(block)
@@ -71,7 +74,13 @@ def test_readme_python_blocks_run_as_written(capsys):
                                  "exec"), namespace)
             else:
                 exec(code, namespace)
+            printed = capsys.readouterr().out
+            out += printed
+            for want in EXPECT.findall(block):
+                expected += 1
+                assert any(line.startswith(want) for line in printed.splitlines()), \
+                    f"README.md python block {i} should print a line starting {want!r}; it printed:\n{printed}"
     finally:
         os.chdir(cwd)
-    out = capsys.readouterr().out
+    assert expected >= 2
     assert "first token" in out and "Engine KV cache memory" in out
