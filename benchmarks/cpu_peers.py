@@ -92,6 +92,16 @@ def shared_prefix_workload(requests: int, prefix: int, suffix: int, vocab: int, 
     return [np.concatenate([head, rng.integers(0, vocab, suffix)]) for _ in range(requests)]
 
 
+def workload_requests(workload: str, sz: dict, vocab: int) -> list[dict]:
+    """[{"prompt": ids, "out": new tokens}] of the serving or the shared-prefix workload at sizes `sz`."""
+    if workload == "serving":
+        w = sz["serving"]
+        return serving_workload(w["n"], vocab, w["seed"], w["prompt"], w["out"])
+    w = sz["shared"]
+    return [{"prompt": p, "out": w["new"]}
+            for p in shared_prefix_workload(w["requests"], w["prefix"], w["suffix"], vocab, w["seed"])]
+
+
 def random_prompt(length: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab - 1, length)
 
@@ -251,13 +261,8 @@ def ov_many(a, root: Path, vocab: int, sz: dict) -> dict:
     sc.enable_prefix_caching = a.workload == "shared-prefix"
     pipe = openvino_genai.ContinuousBatchingPipeline(str(path), sc, "CPU", props)
     tensor = lambda ids: ov.Tensor(np.ascontiguousarray(np.asarray(ids, np.int64)[None, :]))   # noqa: E731
-    if a.workload == "serving":
-        w = sz["serving"]
-        reqs = serving_workload(w["n"], vocab, w["seed"], w["prompt"], w["out"])
-    else:
-        w = sz["shared"]
-        prompts = shared_prefix_workload(w["requests"], w["prefix"], w["suffix"], vocab, w["seed"])
-        reqs = [{"prompt": p, "out": w["new"]} for p in prompts]
+    reqs = workload_requests(a.workload, sz, vocab)
+    w = sz["serving" if a.workload == "serving" else "shared"]   # recorded with the results
     warm = np.random.default_rng(1234).integers(0, vocab - 1, (2, 24))      # other ids: nothing is reused
     pipe.generate([tensor(x) for x in warm], [ov_config(4), ov_config(4)])
 
@@ -423,13 +428,8 @@ def llama_server(a, root: Path, vocab: int, sz: dict) -> dict:
     cmd = [str(llama_tool("llama-server")), "-m", str(path), "-t", str(a.threads), "-tb", str(a.threads),
            "-np", str(SERVING_SLOTS), "-c", str(SERVING_SLOTS * ctx), "--host", "127.0.0.1", "--port", str(port),
            "--no-webui"]
-    if a.workload == "serving":
-        w = sz["serving"]
-        reqs = serving_workload(w["n"], vocab, w["seed"], w["prompt"], w["out"])
-    else:
-        w = sz["shared"]
-        reqs = [{"prompt": p, "out": w["new"]}
-                for p in shared_prefix_workload(w["requests"], w["prefix"], w["suffix"], vocab, w["seed"])]
+    reqs = workload_requests(a.workload, sz, vocab)
+    w = sz["serving" if a.workload == "serving" else "shared"]   # recorded with the results
     logf = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
     try:
@@ -577,13 +577,8 @@ def ct2_worker(a, root: Path, vocab: int, sz: dict) -> dict:
                     "measure": f"wall time of generate_batch, median of {sz['first_timed']} after 1 untimed per "
                                "length, each a fresh random prompt (seeds 1..k)"}
     else:
-        if a.workload == "serving":
-            w = sz["serving"]
-            reqs = serving_workload(w["n"], vocab, w["seed"], w["prompt"], w["out"])
-        else:
-            w = sz["shared"]
-            reqs = [{"prompt": p, "out": w["new"]}
-                    for p in shared_prefix_workload(w["requests"], w["prefix"], w["suffix"], vocab, w["seed"])]
+        reqs = workload_requests(a.workload, sz, vocab)
+        w = sz["serving" if a.workload == "serving" else "shared"]   # recorded with the results
         lengths = [r["out"] for r in reqs]
         res, st, wall = ct2_run(gen, [to_tok(r["prompt"]) for r in reqs], lengths, max_batch_size=SERVING_SLOTS)
         got = [len(s) for s in st]
