@@ -40,7 +40,7 @@ import numpy as np
 from export.gpt2 import GRAPH_REVISION
 
 from .common import environment, summarize
-from kvcache_infer.runs import MAX_PICK_ROWS
+from kvcache_infer.runtime.runs import MAX_PICK_ROWS
 
 from .floor import floor_ms, matvec_bandwidth, weight_bytes_per_step
 from .isolate import RESULTS, emit, out_dir, run_rounds
@@ -195,7 +195,7 @@ def worker(a) -> None:
 def memory_sweep(model, seq_lens, batches) -> list[dict]:
     """Our cache allocation per (max_seq_len, batch), as the buffers report it, against the closed-form size."""
     from kvcache_infer import KVCacheInferencer
-    from kvcache_infer.cache import cache_bytes
+    from kvcache_infer.runtime.cache import cache_bytes
     m = model.manifest
     rows = []
     for L in [s for s in seq_lens if s <= m.max_positions]:

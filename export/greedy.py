@@ -71,7 +71,7 @@ def quantize_rows(W: np.ndarray, blk: int) -> tuple[np.ndarray, np.ndarray, np.n
 def pick_record(W: np.ndarray) -> dict:
     """The manifest's greedy_pick: the int8 node's block and what the load-time check (kvcache_infer/
     pick_probe.py) must read back from it: sums and absolute sums of the probed columns of W^ [V,E]."""
-    from kvcache_infer.pick_probe import column_sums, probe_columns
+    from kvcache_infer.runtime.pick_probe import column_sums, probe_columns
 
     V, E = W.shape
     blk = block_for(E)
@@ -89,7 +89,7 @@ def greedy_head(g: GraphBuilder, x: str, head_rows: str, W: np.ndarray, out: str
 
     The graph input `probe` [P,E] goes through the same int8 node as x, and its scores come out as
     `probe_scores` [P,V] (P = 0 in every run but the load-time check of the kernel,
-    kvcache_infer/pick_probe.py)."""
+    kvcache_infer/runtime/pick_probe.py)."""
     V, E = W.shape
     blk = block_for(E)
     nb = E // blk

@@ -126,7 +126,7 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
             block_size, symmetric, greedy, reference, kv_cache, log) -> Path:
     import onnx
 
-    from kvcache_infer.manifest import GREEDY_IO, PACKED_INPUTS, PROBE_IO, Manifest
+    from kvcache_infer.runtime.manifest import GREEDY_IO, PACKED_INPUTS, PROBE_IO, Manifest
 
     from .greedy import pick_record
 

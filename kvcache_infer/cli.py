@@ -73,7 +73,7 @@ def cmd_serve(a) -> int:
         raise KVCacheError(f"`kvcache-infer serve` needs the serve extra ({e.name} is missing): "
                            "pip install 'kvcache-infer[serve]'") from None
     from .engine import Engine
-    from .server import ServeLimits, serve
+    from .serve.app import ServeLimits, serve
     if a.replicas is not None:
         if a.replicas < 1:
             raise KVCacheError(f"--replicas must be >= 1, got {a.replicas}")
@@ -109,7 +109,7 @@ def cmd_serve(a) -> int:
                          request_timeout_s=a.request_timeout, api_key=a.api_key or os.environ.get(API_KEY_ENV) or None)
     where = "" if a.host in ("127.0.0.1", "localhost", "::1") else " (reachable from other machines)"
     if a.replicas is not None:                 # the Engine above only checked the options: each replica builds its own
-        from .ray_serve import ReplicaOptions
+        from .serve.ray_serve import ReplicaOptions
         options = ReplicaOptions(model=str(eng.model.dir.resolve()), name=a.served_model_name or eng.model.dir.name,
                                  max_sequences=eng.max_sequences, max_seq_len=eng.max_seq_len, max_chunk=a.max_chunk,
                                  prefix_cache=not a.no_prefix_cache, threads=a.threads, max_queue=a.max_queue)
@@ -125,7 +125,7 @@ def cmd_serve(a) -> int:
 
 
 def _serve_on_ray(a, options, limits, where) -> int:
-    from .ray_serve import run
+    from .serve.ray_serve import run
     cores = os.cpu_count() or 1
     if a.address is None and a.replicas * (a.threads or 1) > cores:
         print(f"kvcache-infer serve: {a.replicas} replicas x {a.threads} threads on {cores} cores: they will "
@@ -171,12 +171,12 @@ def cmd_bench(a) -> int:
 
 
 def cmd_profile(a) -> int:
-    from .cache import LAYOUTS, cache_bytes
-    from .manifest import load_manifest
-    from .metrics import MemoryProfile
+    from .runtime.cache import LAYOUTS, cache_bytes
+    from .runtime.manifest import load_manifest
+    from .runtime.metrics import MemoryProfile
     m = load_manifest(Path(a.model))
     if m is None:
-        from .model import Model
+        from .runtime.model import Model
         m = Model(a.model).manifest
     cap = a.max_seq_len or m.max_positions
     if cap > m.max_positions or cap < 1:
@@ -198,7 +198,7 @@ def cmd_profile(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from .model import Model
+    from .runtime.model import Model
     model = Model(a.model)
     m = model.manifest
     print(f"model      : {model.file} ({model.file.stat().st_size / 1e6:.1f} MB)")

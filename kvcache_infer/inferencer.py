@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .cache import make_cache
+from .runtime.cache import make_cache
 from .errors import CapacityError, ConcurrentUseError, InvalidInputError
-from .generation import Sampler, check_request, decode, encode_prompt, stream_text
-from .metrics import LatencyTracker, MemoryProfile, Metrics
-from .model import Model
-from .runs import PackedRun, PaddedRun
-from .snapshot import CacheSnapshot, check, take
+from .runtime.generation import Sampler, check_request, decode, encode_prompt, stream_text
+from .runtime.metrics import LatencyTracker, MemoryProfile, Metrics
+from .runtime.model import Model
+from .runtime.runs import PackedRun, PaddedRun
+from .runtime.snapshot import CacheSnapshot, check, take
 
 
 class KVCacheInferencer:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kvcache_infer import CapacityError, InvalidInputError, KVCacheInferencer, Model
-from kvcache_infer.generation import Sampler
+from kvcache_infer.runtime.generation import Sampler
 
 from .conftest import hf_logits
 

@@ -48,7 +48,7 @@ def test_cache_rows_equal_pytorch_past_key_values(name, hf_models, exported, rng
 def test_logits_rows_asked_for_match_pytorch_in_one_ragged_run(name, hf_models, exported, rng):
     """After the last layer's attention only the rows asked for go on (logits_index): every position of
     one row, the last of another and of a third with a cached prefix, in one run, equal PyTorch's."""
-    from kvcache_infer.runs import Chunk
+    from kvcache_infer.runtime.runs import Chunk
     hf, V = hf_models[name], CONFIGS[name]["vocab_size"]
     a, b, c = (rng.integers(0, V, size=n) for n in (9, 14, 20))
     inf = KVCacheInferencer(exported[name], max_seq_len=48, batch_size=3)

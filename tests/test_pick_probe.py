@@ -1,4 +1,4 @@
-"""The load-time check of the filtered greedy head's int8 kernel (kvcache_infer/pick_probe.py): it passes
+"""The load-time check of the filtered greedy head's int8 kernel (kvcache_infer/runtime/pick_probe.py): it passes
 on this machine's kernel; when the graph's int8 node computes otherwise (another accuracy level, other
 weights than the export recorded) the model loads with one GreedyPickWarning and greedy picks still
 equal the full head's argmax; non-finite activations raise NonFiniteError instead of picking a token."""

@@ -231,7 +231,7 @@ def test_the_serve_run_builder_takes_the_cli_options_by_name():
     from ray.serve import Application
 
     from kvcache_infer.errors import KVCacheError
-    from kvcache_infer.ray_serve import app
+    from kvcache_infer.serve.ray_serve import app
     assert isinstance(app({"model": "pybytes", "replicas": "2", "threads": "1", "prefix_cache": "false",
                            "max_seq_len": "128", "request_timeout_s": "30", "api_key": "k"}), Application)
     with pytest.raises(KVCacheError, match="unknown argument"):

@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from kvcache_infer import Engine, Model  # noqa: E402
-from kvcache_infer.server import ServeLimits, create_app  # noqa: E402
+from kvcache_infer.serve.app import ServeLimits, create_app  # noqa: E402
 
 PROMPTS = ["def main():\n", "import os\nimport sys\n", "class Point:\n    def __init__(self", "for i in range(",
            "    return", "x = [", "# utils\n", "while True:\n    "]

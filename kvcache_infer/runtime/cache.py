@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .buffers import DeviceBuffer
-from .errors import CacheAllocationError, KVCacheError
+from ..errors import CacheAllocationError, KVCacheError
 from .manifest import Manifest
 
 

@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 from .manifest import Manifest
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .errors import DeviceError, InvalidInputError, ModelFormatError, ModelNotFoundError
+from ..errors import DeviceError, InvalidInputError, ModelFormatError, ModelNotFoundError
 from .manifest import Manifest, load_manifest, manifest_from_graph
 from .pick_probe import PickPath, check_greedy_pick
 
 DEVICES = ("cpu", "cuda")
-BUILTIN = Path(__file__).parent / "models"          # models installed with the package, loadable by name
+BUILTIN = Path(__file__).parent.parent / "models"         # models installed with the package, loadable by name
 BUILTIN_NAMES = ("pybytes",)                         # the default model: a byte-level GPT-2, text in and out
 
 
@@ -68,7 +68,7 @@ class Model:
 
     Attributes: session, manifest, dir, file, device, device_id, and greedy_pick: a PickPath saying
     whether greedy picks use the export's filtered int8 head, checked when the model loads
-    (kvcache_infer/pick_probe.py; a GreedyPickWarning when it is set aside), and why.
+    (kvcache_infer/runtime/pick_probe.py; a GreedyPickWarning when it is set aside), and why.
     """
 
     def __init__(self, path: str | Path, *, device: str = "cpu", device_id: int = 0,

@@ -6,7 +6,7 @@ import threading
 from typing import Any
 
 from .api import HTTPError
-from .engine import Engine
+from ..engine import Engine
 
 
 class EngineWorker:

@@ -22,7 +22,7 @@ import uuid
 
 from .api import Choice, CompletionRequest, HTTPError, ServeLimits, parse_completion
 from .backend import Backend, LocalBackend
-from .engine import Engine
+from ..engine import Engine
 from .worker import ServerMetrics
 
 

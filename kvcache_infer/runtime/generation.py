@@ -5,7 +5,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 
 class Sampler:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelFormatError
+from ..errors import ModelFormatError
 
 FORMAT = "kvcache-infer/manifest"
 FORMAT_VERSION = 2              # 2: packed-token graphs (`tokens: "packed"`); 1 still loads (padded [B,S] graphs)
@@ -74,7 +74,7 @@ class Manifest:
     greedy_probe_scores: str | None = None  # [P,V] fp32, that node's scores of the probe rows
     greedy_block: int | None = None     # with greedy_probe: the int8 node's block of columns (MatMulNBits block_size)
     greedy_sums: tuple | None = None    # with greedy_probe: (sums, absolute sums) over the vocabulary of the int8
-                                        # head's probed columns (kvcache_infer/pick_probe.py)
+                                        # head's probed columns (kvcache_infer/runtime/pick_probe.py)
     cache_dtype: str | None = None  # KV cache element type when it differs from dtype ("int8")
 
     @property

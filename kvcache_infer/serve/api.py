@@ -1,13 +1,13 @@
 """The OpenAI completions request and response pieces of `kvcache-infer serve`: limits, errors, field
 checks (a field the server cannot honour is a 400, never ignored), and one choice's text as tokens
-arrive (stop strings cut it). No web framework here: server.py wires these to HTTP."""
+arrive (stop strings cut it). No web framework here: app.py wires these to HTTP."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from .generation import IncrementalText
+from ..runtime.generation import IncrementalText
 
 
 @dataclass(frozen=True)

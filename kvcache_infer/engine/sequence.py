@@ -6,7 +6,7 @@ from typing import NamedTuple, Sequence as Seq
 
 import numpy as np
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 
 class SequenceState:

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from .buffers import DeviceBuffer, HostArray
 from .cache import KVCache
-from .errors import InferenceError, KVCacheError, NonFiniteError
+from ..errors import InferenceError, KVCacheError, NonFiniteError
 from .manifest import DTYPES
 from .model import Model
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .api import HTTPError
-from .engine import Engine
-from .errors import KVCacheError
+from ..engine import Engine
+from ..errors import KVCacheError
 from .worker import EngineWorker
 
 Event = tuple[int, str, Any]

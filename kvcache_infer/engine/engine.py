@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .batching import Scheduler
-from .cache import make_cache
-from .errors import CapacityError, InvalidInputError, KVCacheError, ModelFormatError
-from .metrics import EngineMemoryProfile
-from .model import Model
-from .prefix import RadixIndex
-from .runs import Chunk, PackedRun
+from .scheduler import Scheduler
+from ..runtime.cache import make_cache
+from ..errors import CapacityError, InvalidInputError, KVCacheError, ModelFormatError
+from ..runtime.metrics import EngineMemoryProfile
+from ..runtime.model import Model
+from .prefix_cache import RadixIndex
+from ..runtime.runs import Chunk, PackedRun
 from .sequence import Nodes, Sequence, TreeSequence
 
 

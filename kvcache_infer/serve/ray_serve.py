@@ -4,7 +4,7 @@ each session's requests on one replica so that its prefix cache holds the sessio
     kvcache-infer serve --replicas 2 [...]                 a local Ray instance on this machine
     kvcache-infer serve --replicas 8 --address auto [...]  a running cluster (`ray start --head` here,
                                                            `ray start --address HEAD:6379` elsewhere)
-    serve run kvcache_infer.ray_serve:app model=M replicas=2   Ray Serve's own CLI (and config files)
+    serve run kvcache_infer.serve.ray_serve:app model=M replicas=2   Ray Serve's own CLI (and config files)
 
 Two deployments:
 - EngineReplica (N replicas): one Model, one Engine, one EngineWorker thread (continuous batching,
@@ -37,8 +37,8 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 
 from .api import HTTPError, ServeLimits
 from .backend import Backend, Completion, ServedModel, engine_snapshot, event_value
-from .engine import Engine
-from .errors import KVCacheError
+from ..engine import Engine
+from ..errors import KVCacheError
 from .worker import EngineWorker
 
 ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
@@ -251,7 +251,7 @@ class Frontend:
         self.backend, self.limits = RayBackend(replicas), ServeLimits(**limits)
 
     def __serve_build_asgi_app__(self):
-        from .server import create_app
+        from .app import create_app
         return create_app(self.backend, limits=self.limits)
 
 
@@ -277,7 +277,7 @@ def build(options: ReplicaOptions, replicas: int, limits: ServeLimits = ServeLim
 
 
 def app(args: dict):
-    """`serve run kvcache_infer.ray_serve:app model=M replicas=2 threads=1 max_sequences=16 ...`: every
+    """`serve run kvcache_infer.serve.ray_serve:app model=M replicas=2 threads=1 max_sequences=16 ...`: every
     ReplicaOptions field and ServeLimits field by name."""
     kinds = {**ReplicaOptions.__annotations__, **ServeLimits.__annotations__}
     args = dict(args)

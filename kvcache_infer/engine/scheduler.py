@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from .errors import CapacityError, InvalidInputError
-from .generation import IncrementalText, Sampler, check_request, encode_prompt
+from ..errors import CapacityError, InvalidInputError
+from ..runtime.generation import IncrementalText, Sampler, check_request, encode_prompt
 
 if TYPE_CHECKING:
     from .engine import Engine
