@@ -124,7 +124,7 @@ def _serving(model, V, slots: int) -> dict:
     eng.generate(list(warm), max_new_tokens=4)
     t0 = time.perf_counter()
     handles = [eng.submit(r["prompt"], max_new_tokens=r["out"]) for r in reqs]
-    while eng.scheduler.busy:
+    while eng.busy:
         eng.tick()
     end = max(h.token_times[-1] for h in handles) - t0
     got = sum(len(h.output) for h in handles)
@@ -145,7 +145,7 @@ def _shared_prefix(model, V) -> dict:
     eng.generate(list(rng.integers(0, V, (2, 24))), max_new_tokens=4)
     t0 = time.perf_counter()
     reqs = [eng.submit(p, max_new_tokens=32) for p in prompts]
-    while eng.scheduler.busy:
+    while eng.busy:
         eng.tick()
     ttft = [r.ttft for r in reqs]
     return {"total_s": time.perf_counter() - t0, "ttft_p50_s": float(np.percentile(ttft, 50)),

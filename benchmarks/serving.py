@@ -70,11 +70,11 @@ def run_engine(model_dir: Path, reqs: list[dict], threads: int, slots: int) -> d
     eng.generate([r["prompt"][:16] for r in reqs[:WARMUP]], max_new_tokens=8)
     clock, pending, handles, memory = Clock(), list(range(len(reqs))), {}, []
     per = eng.manifest.cache_bytes_per_token
-    while pending or eng.scheduler.busy:
+    while pending or eng.busy:
         while pending and reqs[pending[0]]["arrival"] <= clock.now():
             i = pending.pop(0)
             handles[eng.submit(reqs[i]["prompt"], max_new_tokens=reqs[i]["out"]).id] = i
-        if not eng.scheduler.busy:
+        if not eng.busy:
             clock.wait_until(reqs[pending[0]]["arrival"])
             continue
         events = eng.tick()

@@ -34,7 +34,7 @@ def worker(a) -> None:
     eng.generate(list(warm), max_new_tokens=4)
     t0 = time.perf_counter()
     reqs = [eng.submit(p, max_new_tokens=a.new_tokens) for p in prompts]
-    while eng.scheduler.busy:
+    while eng.busy:
         eng.tick()
     end = time.perf_counter()
     ttft = [r.ttft for r in reqs]

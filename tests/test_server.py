@@ -155,7 +155,7 @@ def test_a_client_that_disconnects_frees_its_slot(model):
             assert any(g.startswith("data: ") for g in got)
             assert len(eng.live) == 1
         t0 = time.monotonic()
-        while eng.live or eng.scheduler.running:
+        while eng.live or eng.running_requests:
             assert time.monotonic() - t0 < 10, "the disconnected request still holds its slot"
             time.sleep(0.05)
         m = httpx.get(srv.url + "/metrics").text
@@ -168,7 +168,7 @@ def test_queue_limit_429_and_timeout_504(model):
         body = {"prompt": PROMPTS[0], "max_tokens": 240, "temperature": 0}
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=30)
-            while not eng.scheduler.running:
+            while not eng.running_requests:
                 time.sleep(0.01)
             # No step from here until the third is answered: the first cannot finish, the second waits.
             # The lock is taken before the second arrives: taking it can wait for the engine thread
@@ -176,7 +176,7 @@ def test_queue_limit_429_and_timeout_504(model):
             with eng.lock:
                 second = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=30)
                 t0 = time.monotonic()
-                while not eng.scheduler.waiting:
+                while not eng.waiting_requests:
                     assert not second.done(), second.result().text
                     assert time.monotonic() - t0 < 10, "the second request never reached the queue"
                     time.sleep(0.01)
@@ -189,7 +189,7 @@ def test_queue_limit_429_and_timeout_504(model):
                 if r.status_code == 504:
                     assert "longer than" in r.json()["error"]["message"]
         t0 = time.monotonic()
-        while eng.live or eng.scheduler.busy:
+        while eng.live or eng.busy:
             assert time.monotonic() - t0 < 10
             time.sleep(0.05)
 
@@ -204,7 +204,7 @@ def test_timeout_cancels_a_waiting_request(model):
             eng.lock.release()
         assert r.status_code == 504
         t0 = time.monotonic()
-        while eng.scheduler.busy:
+        while eng.busy:
             assert time.monotonic() - t0 < 10
             time.sleep(0.05)
 

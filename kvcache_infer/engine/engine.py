@@ -475,6 +475,30 @@ class Engine:
         return items
 
     # -- continuous batching (batching.Scheduler) --------------------------------------------------
+    def make_request(self, prompt, max_new_tokens: int = 64, **sampling):
+        """A validated Request, not yet queued (enqueue() queues it). sampling: temperature, top_k,
+        top_p, seed, stop_ids."""
+        return self.scheduler.make_request(prompt, max_new_tokens, **sampling)
+
+    def enqueue(self, requests) -> None:
+        """Queues requests made with make_request(); they run in the next ticks."""
+        self.scheduler.enqueue(list(requests))
+
+    @property
+    def waiting_requests(self) -> int:
+        """Requests queued and not yet admitted into a slot."""
+        return len(self.scheduler.waiting)
+
+    @property
+    def running_requests(self) -> int:
+        """Requests admitted into a slot and not yet finished."""
+        return len(self.scheduler.running)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any submitted request is waiting or running."""
+        return self.scheduler.busy
+
     def submit(self, prompt, max_new_tokens: int = 64, **sampling):
         """Queues a request (see Scheduler.submit); returns its Request handle."""
         return self.scheduler.submit(prompt, max_new_tokens, **sampling)

@@ -114,9 +114,9 @@ ENGINE_METRICS = (
 
 def engine_snapshot(engine: Engine) -> dict[str, float]:
     """The ENGINE_METRICS values of `engine` now (waits for a step in progress to end)."""
-    sched, p = engine.scheduler, engine.memory_profile()
+    p = engine.memory_profile()
     started = engine.stats["sequences"]
-    values = (len(sched.waiting), len(sched.running), p.total_bytes, p.used_bytes, p.retained_bytes,
+    values = (engine.waiting_requests, engine.running_requests, p.total_bytes, p.used_bytes, p.retained_bytes,
               p.logical_blocks / p.physical_blocks, p.fragmentation_ratio, p.prefix_hits, p.prefix_tokens_reused,
               started, p.prefix_hits / started if started else 0.0, p.evictions)
     return {name: float(v) for (name, _, _), v in zip(ENGINE_METRICS, values)}

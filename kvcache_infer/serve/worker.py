@@ -34,19 +34,19 @@ class EngineWorker:
     def submit(self, prompts: list, max_tokens: int, sampling: dict, callback, arrived: float) -> list:
         """Validates every prompt, then queues them all (or none): [Request], timed from `arrived`
         (perf_counter). Raises KVCacheError for a bad request and HTTPError(429) when the queue is full."""
-        sched = self.engine.scheduler
-        reqs = [sched.make_request(p, max_tokens, **sampling) for p in prompts]
+        eng = self.engine
+        reqs = [eng.make_request(p, max_tokens, **sampling) for p in prompts]
         for r in reqs:
             r.submitted_at = arrived
         with self._lock:
             if self._stopping:
                 raise HTTPError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
-            if len(sched.waiting) + len(reqs) > self.max_queue:
-                raise HTTPError(429, f"{len(sched.waiting)} requests are waiting (limit {self.max_queue}); retry later",
+            if eng.waiting_requests + len(reqs) > self.max_queue:
+                raise HTTPError(429, f"{eng.waiting_requests} requests are waiting (limit {self.max_queue}); retry later",
                                 "rate_limit_error", headers={"Retry-After": "1"})
             for r in reqs:
                 self._subs[r.id] = (r, callback)
-            sched.enqueue(reqs)
+            eng.enqueue(reqs)
         self._wake.set()
         return reqs
 
@@ -64,19 +64,19 @@ class EngineWorker:
         self.thread.join(timeout)
 
     def _loop(self) -> None:
-        sched = self.engine.scheduler
+        eng = self.engine
         while True:
             with self._lock:
                 idle = not self._subs
                 if idle and self._stopping:
                     return
-            if idle or not sched.busy:
+            if idle or not eng.busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
-                if not sched.busy and not self._subs:
+                if not eng.busy and not self._subs:
                     continue
             try:
-                events = sched.tick()
+                events = eng.tick()
             except Exception as e:         # a failed run changed nothing: fail what is in flight, keep serving
                 self._fail_all(f"the engine failed a step: {type(e).__name__}: {e}")
                 continue
