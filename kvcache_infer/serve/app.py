@@ -8,85 +8,118 @@
                            prefix cache
 
 The app talks to a backend.Backend: one Engine in this process (LocalBackend: one thread owns the
-Engine and ticks its scheduler, continuous batching) or Engine replicas on Ray Serve (ray_serve.py).
-Events come back through one asyncio queue per request. A client that disconnects, or a request past
-its timeout, cancels its sequences and frees their slots at the next step.
+Engine and ticks it, continuous batching) or Engine replicas on Ray Serve (ray_serve.py). Events come
+back through one asyncio queue per request. A client that disconnects, or a request past its timeout,
+cancels its sequences and frees their slots at the next step.
+
+Handlers holds what the routes share (the backend, limits, metrics, API key, the served model) and
+has one method per route; Reply turns one accepted request's events into its response.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import time
 import uuid
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from .api import Choice, CompletionRequest, HTTPError, ServeLimits, parse_completion
-from .backend import Backend, LocalBackend
+from .backend import Backend, Completion, LocalBackend
 from ..engine import Engine
 from .worker import ServerMetrics
 
+POLL_S = 0.5        # a handler waiting for events looks at its deadline (and, not streaming, its client) this often
 
-def create_app(engine: Engine | Backend, *, model_name: str | None = None, limits: ServeLimits = ServeLimits()):
-    """A Starlette app serving `engine` (an Engine in this process, or a Backend); its lifespan starts
-    and stops the backend."""
-    from contextlib import asynccontextmanager
 
-    from starlette.applications import Starlette
-    from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
+class ClosingStream(StreamingResponse):
+    """Runs on_close when the response ends for any reason (a client that went away included), so that
+    its requests are cancelled at once rather than when the generator is collected."""
 
-    class ClosingStream(StreamingResponse):
-        """Runs on_close when the response ends for any reason (a client that went away included),
-        so that its requests are cancelled at once rather than when the generator is collected."""
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
 
-        def __init__(self, content, on_close, **kw):
-            super().__init__(content, **kw)
-            self.on_close = on_close
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
-        async def __call__(self, scope, receive, send):
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                self.on_close()
 
-    backend = engine if isinstance(engine, Backend) else LocalBackend(engine, name=model_name, max_queue=limits.max_queue)
-    metrics = ServerMetrics()
-    api_key = limits.api_key.encode() if limits.api_key else None
-    served = {}                                  # "model", "tokenizer": set when the backend has started
+def keyed(route):
+    """`route` behind the API key, when the server has one: a 401 without it."""
+    @functools.wraps(route)
+    async def guarded(self: Handlers, request: Request):
+        if not self.authorized(request):
+            return self.error(HTTPError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                        "authentication_error"))
+        return await route(self, request)
+    return guarded
 
-    def error(e: HTTPError) -> JSONResponse:
-        metrics.rejected.labels(str(e.status)).inc()
+
+class Handlers:
+    """The routes over one backend, and what they share."""
+
+    def __init__(self, backend: Backend, limits: ServeLimits):
+        self.backend, self.limits = backend, limits
+        self.metrics = ServerMetrics()
+        self.api_key = limits.api_key.encode() if limits.api_key else None
+        self.model = self.tokenizer = None            # the backend's ServedModel and its tokenizer, once started
+
+    @asynccontextmanager
+    async def lifespan(self, app):
+        await self.backend.start()
+        self.model = self.backend.model
+        self.tokenizer = self.model.tokenizer()
+        try:
+            yield
+        finally:
+            await self.backend.stop()
+
+    # -- shared pieces ----------------------------------------------------------------------------------
+    def error(self, e: HTTPError) -> JSONResponse:
+        self.metrics.on_rejected(e.status)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    def authorized(request: Request) -> bool:
-        if api_key is None:
-            return True
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        return hmac.compare_digest(token.strip().encode(), api_key) and scheme.lower() == "bearer"
+    def timeout(self) -> HTTPError:
+        return HTTPError(504, f"the request took longer than {self.limits.request_timeout_s:g} s", "timeout_error")
 
-    async def read_json(request: Request):
+    def authorized(self, request: Request) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return hmac.compare_digest(token.strip().encode(), self.api_key) and scheme.lower() == "bearer"
+
+    async def read_json(self, request: Request):
+        """The body as JSON, read up to limits.max_body_bytes (413 past it)."""
+        most = self.limits.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise HTTPError(413, f"the body is {declared} bytes; at most {limits.max_body_bytes}")
+        if declared is not None and declared.isdigit() and int(declared) > most:
+            raise HTTPError(413, f"the body is {declared} bytes; at most {most}")
         body = bytearray()
         async for part in request.stream():
             body += part
-            if len(body) > limits.max_body_bytes:
-                raise HTTPError(413, f"the body exceeds {limits.max_body_bytes} bytes")
+            if len(body) > most:
+                raise HTTPError(413, f"the body exceeds {most} bytes")
         try:
             return json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise HTTPError(400, f"the body is not valid JSON: {e}") from None
 
-    def encode(c: CompletionRequest) -> list:
+    def encode(self, c: CompletionRequest) -> list:
         """Each prompt's token ids (text through the tokenizer, here, once), checked against the limits
         in the request's terms; the engines get ids only."""
-        model, tok = served["model"], served["tokenizer"]
+        model, tok = self.model, self.tokenizer
         if c.stop and tok is None:
             raise HTTPError(400, "`stop` strings need a model with a tokenizer; use stop_token_ids", param="stop")
-        max_prompt = limits.max_prompt_tokens or model.max_seq_len - 1
+        max_prompt = self.limits.max_prompt_tokens or model.max_seq_len - 1
         out = []
         for p in c.prompts:
             if isinstance(p, str):
@@ -113,148 +146,165 @@ def create_app(engine: Engine | Backend, *, model_name: str | None = None, limit
                             param="stop_token_ids")
         return out
 
-    async def completions(request: Request):
-        arrived = time.perf_counter()
-        if not authorized(request):
-            return error(HTTPError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"))
+    async def submit(self, c: CompletionRequest, prompts: list, arrived: float) -> Completion:
+        """The backend's Completion of the request, waited for until the request's deadline (on Ray a
+        replica may be restarting)."""
+        left = arrived + self.limits.request_timeout_s - time.perf_counter()
         try:
-            c = parse_completion(await read_json(request), served["model"].name, limits)
-            prompts = encode(c)
-            left = arrived + limits.request_timeout_s - time.perf_counter()
-            try:
-                comp = await asyncio.wait_for(backend.submit(prompts, c.max_tokens, c.sampling, c.user),
-                                              max(left, 0.001))     # (Ray: a replica may be restarting)
-            except asyncio.TimeoutError:
-                raise HTTPError(504, f"the request took longer than {limits.request_timeout_s:g} s",
-                                "timeout_error") from None
+            return await asyncio.wait_for(self.backend.submit(prompts, c.max_tokens, c.sampling, c.user),
+                                          max(left, 0.001))
+        except asyncio.TimeoutError:
+            raise self.timeout() from None
+
+    # -- routes -----------------------------------------------------------------------------------------
+    @keyed
+    async def completions(self, request: Request) -> Response:
+        arrived = time.perf_counter()
+        try:
+            c = parse_completion(await self.read_json(request), self.model.name, self.limits)
+            prompts = self.encode(c)
+            comp = await self.submit(c, prompts, arrived)
         except HTTPError as e:
-            return error(e)
+            return self.error(e)
         except ClientDisconnect:
             return Response(status_code=499)
-        choices = [Choice(i, len(p), c.stop, served["tokenizer"]) for i, p in enumerate(prompts)]
-        cid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), served["model"].name
-        deadline = arrived + limits.request_timeout_s
-        headers = {"X-Kvcache-Replica": comp.replica} if comp.replica else {}
+        reply = Reply(self, c, prompts, comp, arrived)
+        return reply.stream(request) if c.stream else await reply.whole(request)
 
-        async def events():
-            """(choice, text, ids, finish) as the engines produce them; cancels what is left on exit."""
-            open_, checked = set(range(len(choices))), time.perf_counter()
-            try:
-                while open_:
-                    now = time.perf_counter()
-                    if not c.stream and now - checked > 0.5:      # (a stream notices when a send fails)
-                        checked = now
-                        if await request.is_disconnected():
-                            return
-                    left = deadline - now
-                    if left <= 0:
-                        raise HTTPError(504, f"the request took longer than {limits.request_timeout_s:g} s",
-                                        "timeout_error")
-                    ev = await comp.get(min(left, 0.5))
-                    if ev is None:
-                        continue
-                    i, kind, value = ev
-                    ch = choices[i]
-                    if i not in open_:
-                        continue
-                    if kind == "token":
-                        now = time.perf_counter()
-                        metrics.on_token(arrived, ch.last_at, now)
-                        ch.last_at = now
-                        text, ids = ch.push(value)
-                        if ch.finish is not None:          # a stop string: this prompt ends here
-                            comp.cancel(i)
-                            open_.discard(i)
-                            metrics.on_finish(ch.finish)
-                        yield ch, text, ids, ch.finish
-                    elif kind == "done":
-                        reason, ch.cached_tokens = value
-                        open_.discard(i)
-                        text = ch.close(reason)
-                        metrics.on_finish(ch.finish)
-                        yield ch, text, [], ch.finish
-                    else:
-                        status, message = value
-                        open_.discard(i)
-                        metrics.on_finish("error")
-                        raise HTTPError(status, message, "server_error",
-                                        headers={"Retry-After": "1"} if status in (429, 503) else None)
-            finally:
-                if open_:                                  # the client went away, a timeout or an error
-                    comp.cancel()
-                    for _ in open_:
-                        metrics.on_finish("cancelled")
-
-        def usage() -> dict:
-            out = sum(len(ch.ids) for ch in choices)
-            inp = sum(ch.prompt_tokens for ch in choices)
-            return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out,
-                    "prompt_tokens_details": {"cached_tokens": sum(ch.cached_tokens for ch in choices)}}
-
-        def chunk(ch, text, ids, finish) -> dict:
-            return {"id": cid, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"index": ch.index, "text": text, "token_ids": ids, "logprobs": None,
-                                 "finish_reason": finish}]}
-
-        if c.stream:
-            async def sse():
-                try:
-                    async for ch, text, ids, finish in events():
-                        if text or ids or finish:
-                            yield f"data: {json.dumps(chunk(ch, text, ids, finish))}\n\n"
-                    if c.include_usage:
-                        yield f"data: {json.dumps({'id': cid, 'object': 'text_completion', 'created': created, 'model': name, 'choices': [], 'usage': usage()})}\n\n"
-                except HTTPError as e:
-                    metrics.rejected.labels(str(e.status)).inc()
-                    yield f"data: {json.dumps(e.body())}\n\n"
-                yield "data: [DONE]\n\n"
-            return ClosingStream(sse(), on_close=comp.cancel, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
-        try:
-            async for _ in events():
-                pass
-        except HTTPError as e:
-            return error(e)
-        if not all(ch.finish for ch in choices):
-            return Response(status_code=499)                   # the client went away
-        return JSONResponse({
-            "id": cid, "object": "text_completion", "created": created, "model": name,
-            "choices": [{"index": ch.index, "text": ch.full_text, "token_ids": ch.ids, "logprobs": None,
-                         "finish_reason": ch.finish} for ch in choices],
-            "usage": usage()}, headers=headers)
-
-    async def models(request: Request):
-        if not authorized(request):
-            return error(HTTPError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"))
-        m = served["model"]
+    @keyed
+    async def models(self, request: Request) -> Response:
+        m = self.model
         return JSONResponse({"object": "list", "data": [{
             "id": m.name, "object": "model", "created": m.created, "owned_by": "kvcache-infer",
             "max_model_len": m.max_seq_len, "vocab_size": m.vocab_size, "tokenizer": m.tokenizer_json is not None}]})
 
-    async def health(request: Request):
-        ok = await backend.healthy()
+    async def health(self, request: Request) -> Response:
+        ok = await self.backend.healthy()
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
-    async def metrics_route(request: Request):
-        if not authorized(request):
-            return error(HTTPError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"))
-        body, ctype = metrics.render(await backend.snapshots())
+    @keyed
+    async def metrics_text(self, request: Request) -> Response:
+        body, ctype = self.metrics.render(await self.backend.snapshots())
         return Response(body, media_type=ctype)
 
-    @asynccontextmanager
-    async def lifespan(app):
-        await backend.start()
-        served["model"] = backend.model
-        served["tokenizer"] = backend.model.tokenizer()
-        try:
-            yield
-        finally:
-            await backend.stop()
 
-    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
-                            Route("/v1/models", models), Route("/health", health),
-                            Route("/metrics", metrics_route)], lifespan=lifespan)
-    app.state.backend, app.state.metrics = backend, metrics
+class Reply:
+    """One accepted completions request: its choices as the backend's events fill them, sent as one JSON
+    body or as server-sent events."""
+
+    def __init__(self, handlers: Handlers, c: CompletionRequest, prompts: list, comp: Completion, arrived: float):
+        self.handlers, self.metrics, self.c, self.comp = handlers, handlers.metrics, c, comp
+        self.choices = [Choice(i, len(p), c.stop, handlers.tokenizer) for i, p in enumerate(prompts)]
+        self.open = set(range(len(self.choices)))      # the prompts still generating
+        self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), handlers.model.name
+        self.arrived, self.deadline = arrived, arrived + handlers.limits.request_timeout_s
+        self.headers = {"X-Kvcache-Replica": comp.replica} if comp.replica else {}
+
+    async def events(self, request: Request):
+        """(choice, text, ids, finish) as the engines produce them; cancels what is left on exit."""
+        checked = time.perf_counter()
+        try:
+            while self.open:
+                now = time.perf_counter()
+                if not self.c.stream and now - checked > POLL_S:      # (a stream notices when a send fails)
+                    checked = now
+                    if await request.is_disconnected():
+                        return
+                left = self.deadline - now
+                if left <= 0:
+                    raise self.handlers.timeout()
+                ev = await self.comp.get(min(left, POLL_S))
+                if ev is not None and ev[0] in self.open:
+                    yield self.take(*ev)
+        finally:
+            if self.open:                                  # the client went away, a timeout or an error
+                self.comp.cancel()
+                for _ in self.open:
+                    self.metrics.on_finish("cancelled")
+
+    def take(self, i: int, kind: str, value) -> tuple:
+        """One backend event (see backend.py) applied to choice i: (choice, text, ids, finish)."""
+        ch = self.choices[i]
+        if kind == "token":
+            now = time.perf_counter()
+            self.metrics.on_token(self.arrived, ch.last_at, now)
+            ch.last_at = now
+            text, ids = ch.push(value)
+            if ch.finish is not None:                      # a stop string: this prompt ends here
+                self.comp.cancel(i)
+                self.end(i, ch.finish)
+            return ch, text, ids, ch.finish
+        if kind == "done":
+            reason, ch.cached_tokens = value
+            text = ch.close(reason)
+            self.end(i, ch.finish)
+            return ch, text, [], ch.finish
+        status, message = value
+        self.end(i, "error")
+        raise HTTPError(status, message, "server_error", headers={"Retry-After": "1"} if status in (429, 503) else None)
+
+    def end(self, i: int, reason: str) -> None:
+        self.open.discard(i)
+        self.metrics.on_finish(reason)
+
+    def usage(self) -> dict:
+        out = sum(len(ch.ids) for ch in self.choices)
+        inp = sum(ch.prompt_tokens for ch in self.choices)
+        return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out,
+                "prompt_tokens_details": {"cached_tokens": sum(ch.cached_tokens for ch in self.choices)}}
+
+    def body(self, choices: list, **extra) -> dict:
+        """A response body or stream chunk with these choices ({index, text, token_ids, logprobs,
+        finish_reason} each)."""
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    @staticmethod
+    def choice(ch: Choice, text: str, ids: list, finish: str | None) -> dict:
+        return {"index": ch.index, "text": text, "token_ids": ids, "logprobs": None, "finish_reason": finish}
+
+    def stream(self, request: Request) -> Response:
+        """Server-sent events: a chunk per piece of text, the usage (stream_options.include_usage), then
+        [DONE]; an error after the first byte is an error event."""
+        def event(data: dict) -> str:
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def sse():
+            try:
+                async for ch, text, ids, finish in self.events(request):
+                    if text or ids or finish:
+                        yield event(self.body([self.choice(ch, text, ids, finish)]))
+                if self.c.include_usage:
+                    yield event(self.body([], usage=self.usage()))
+            except HTTPError as e:
+                self.metrics.on_rejected(e.status)
+                yield event(e.body())
+            yield "data: [DONE]\n\n"
+        return ClosingStream(sse(), on_close=self.comp.cancel, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **self.headers})
+
+    async def whole(self, request: Request) -> Response:
+        """One JSON body once every prompt has finished (499 if the client went away first)."""
+        try:
+            async for _ in self.events(request):
+                pass
+        except HTTPError as e:
+            return self.handlers.error(e)
+        if not all(ch.finish for ch in self.choices):
+            return Response(status_code=499)                   # the client went away
+        return JSONResponse(self.body([self.choice(ch, ch.full_text, ch.ids, ch.finish) for ch in self.choices],
+                                      usage=self.usage()), headers=self.headers)
+
+
+def create_app(engine: Engine | Backend, *, model_name: str | None = None, limits: ServeLimits = ServeLimits()):
+    """A Starlette app serving `engine` (an Engine in this process, or a Backend); its lifespan starts
+    and stops the backend."""
+    backend = engine if isinstance(engine, Backend) else LocalBackend(engine, name=model_name, max_queue=limits.max_queue)
+    h = Handlers(backend, limits)
+    app = Starlette(routes=[Route("/v1/completions", h.completions, methods=["POST"]),
+                            Route("/v1/models", h.models), Route("/health", h.health),
+                            Route("/metrics", h.metrics_text)], lifespan=h.lifespan)
+    app.state.backend, app.state.metrics = backend, h.metrics
     app.state.engine = engine if isinstance(engine, Engine) else None
     return app
 

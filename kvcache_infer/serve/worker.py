@@ -139,6 +139,9 @@ class ServerMetrics:
     def on_finish(self, reason: str) -> None:
         self.requests.labels(reason).inc()
 
+    def on_rejected(self, status: int) -> None:
+        self.rejected.labels(str(status)).inc()
+
     def render(self, snapshots: list[tuple[dict[str, str], dict[str, float]]]) -> tuple[bytes, str]:
         """The text exposition: this registry, then the engines' state (one sample per engine, labelled
         as the backend labels them, e.g. by replica)."""
