@@ -130,6 +130,24 @@ def test_bad_requests_get_4xx_and_the_next_good_one_is_right(model, reference):
         assert srv.app.state.engine.live == []
 
 
+def test_what_the_engine_refuses_is_a_400_in_the_requests_terms(model):
+    """The engine's own checks (vocabulary, stop ids, context) are the server's: each refusal is a 400
+    with the engine's message, the context's naming max_tokens, and nothing of the request is queued."""
+    good = {"model": "pybytes", "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0}
+    bad = [({"prompt": [PROMPTS[0], [1, 2, 256]]}, None), ({"stop_token_ids": [300]}, None),
+           ({"prompt": ""}, None), ({"prompt": [1] * 200, "max_tokens": 100}, "max_tokens")]
+    eng = Engine(model, max_sequences=2, max_seq_len=256)
+    with Server(eng) as srv:
+        for change, param in bad:
+            r = httpx.post(srv.url + "/v1/completions", json={**good, **change})
+            assert r.status_code == 400, (change, r.text)
+            err = r.json()["error"]
+            assert err["message"] and err["type"] == "invalid_request_error" and err["param"] == param, err
+        assert httpx.post(srv.url + "/v1/completions", json=good).status_code == 200
+        assert not eng.busy and eng.stats["sequences"] == 1
+        assert 'kvcache_rejected_requests_total{status="400"} 4.0' in httpx.get(srv.url + "/metrics").text
+
+
 def test_api_key(model):
     with Server(Engine(model, max_sequences=1, max_seq_len=64), ServeLimits(api_key="s3cret")) as srv:
         body = {"prompt": "a", "max_tokens": 2}

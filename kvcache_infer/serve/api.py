@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import CapacityError, KVCacheError
 from ..runtime.generation import IncrementalText
 
 
@@ -34,11 +35,32 @@ class HTTPError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
 
 
-def _field(body: dict, name: str, kinds, default=None, check=None, expected: str = ""):
+def retry_later(status: int, message: str, kind: str = "server_error", after_s: int = 1) -> HTTPError:
+    """A refusal the client may retry (429: busy, 503: unavailable) after `after_s` seconds."""
+    return HTTPError(status, message, kind, headers={"Retry-After": str(after_s)})
+
+
+def refused(e: KVCacheError) -> HTTPError:
+    """The engine's refusal of a request (Engine.make_request: token ids outside the vocabulary, a prompt
+    and max_tokens past the context, ...) as a 400; the engine's check is the only one."""
+    return HTTPError(400, str(e), param="max_tokens" if isinstance(e, CapacityError) else None)
+
+
+def _is_int(v) -> bool:
+    """A JSON integer (true and false are not)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _field(body: dict, name: str, ok, expected: str, default=None):
+    """body[name], or `default` where it is absent or null; a 400 naming the field unless ok(value)."""
     v = body.get(name, default)
     if v is None:
         return default
-    if (isinstance(v, bool) and bool not in kinds) or not isinstance(v, kinds) or (check and not check(v)):
+    if not ok(v):
         raise HTTPError(400, f"`{name}` must be {expected}, got {json.dumps(v)[:80]}", param=name)
     return v
 
@@ -46,7 +68,7 @@ def _field(body: dict, name: str, kinds, default=None, check=None, expected: str
 def _prompts(body: dict) -> list:
     """The request's prompts: a text, a list of ids, or a list of either."""
     p = body.get("prompt")
-    ids = lambda x: isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+    ids = lambda x: isinstance(x, list) and x and all(map(_is_int, x))
     if isinstance(p, str) or ids(p):
         return [p]
     if isinstance(p, list) and p and all(isinstance(x, str) or ids(x) for x in p):
@@ -77,15 +99,15 @@ def parse_completion(body: Any, model_name: str, limits: ServeLimits) -> Complet
     prompts = _prompts(body)
     if len(prompts) > limits.max_prompts:
         raise HTTPError(400, f"{len(prompts)} prompts in one request; at most {limits.max_prompts}", param="prompt")
-    num = (int, float)
-    max_tokens = _field(body, "max_tokens", (int,), 16, lambda v: v >= 1, "an integer >= 1")
+    max_tokens = _field(body, "max_tokens", lambda v: _is_int(v) and v >= 1, "an integer >= 1", 16)
     sampling = {
-        "temperature": float(_field(body, "temperature", num, 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")),
-        "top_p": _field(body, "top_p", num, None, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-        "top_k": _field(body, "top_k", (int,), None, lambda v: v >= 1 or v == -1, "an integer >= 1 (or -1: all)"),
-        "seed": _field(body, "seed", (int,), None, lambda v: v >= 0, "an integer >= 0"),
-        "stop_ids": _field(body, "stop_token_ids", (list,), [], lambda v: all(isinstance(t, int) for t in v),
-                           "a list of token ids"),
+        "temperature": float(_field(body, "temperature", lambda v: _is_number(v) and 0 <= v <= 2,
+                                    "a number in [0, 2]", 1.0)),
+        "top_p": _field(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "top_k": _field(body, "top_k", lambda v: _is_int(v) and (v >= 1 or v == -1), "an integer >= 1 (or -1: all)"),
+        "seed": _field(body, "seed", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "stop_ids": _field(body, "stop_token_ids", lambda v: isinstance(v, list) and all(isinstance(t, int) for t in v),
+                           "a list of token ids", []),
     }
     if sampling["top_k"] == -1:
         sampling["top_k"] = None
@@ -102,9 +124,9 @@ def parse_completion(body: Any, model_name: str, limits: ServeLimits) -> Complet
         if body.get(name) is not None and not ok(body[name]):
             raise HTTPError(400, f"`{name}`={json.dumps(body[name])[:40]} is not supported by this server",
                             param=name)
-    stream = _field(body, "stream", (bool,), False, None, "true or false")
-    opts = _field(body, "stream_options", (dict,), {}, None, "an object")
-    user = _field(body, "user", (str,), None, None, "a string")
+    stream = _field(body, "stream", lambda v: isinstance(v, bool), "true or false", False)
+    opts = _field(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
+    user = _field(body, "user", lambda v: isinstance(v, str), "a string")
     return CompletionRequest(prompts, max_tokens, sampling, stop, stream, bool(opts.get("include_usage")), user)
 
 

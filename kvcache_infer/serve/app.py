@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .api import Choice, CompletionRequest, HTTPError, ServeLimits, parse_completion
+from .api import Choice, CompletionRequest, HTTPError, ServeLimits, parse_completion, retry_later
 from .backend import Backend, Completion, LocalBackend
 from ..engine import Engine
 from .worker import ServerMetrics
@@ -114,8 +114,9 @@ class Handlers:
             raise HTTPError(400, f"the body is not valid JSON: {e}") from None
 
     def encode(self, c: CompletionRequest) -> list:
-        """Each prompt's token ids (text through the tokenizer, here, once), checked against the limits
-        in the request's terms; the engines get ids only."""
+        """Each prompt's token ids (text through the tokenizer, here, once: the engines get ids only),
+        within the server's prompt limit. The engine checks the ids, stop ids and the context: its
+        refusal comes back from backend.submit as a 400 (api.refused)."""
         model, tok = self.model, self.tokenizer
         if c.stop and tok is None:
             raise HTTPError(400, "`stop` strings need a model with a tokenizer; use stop_token_ids", param="stop")
@@ -127,23 +128,10 @@ class Handlers:
                     raise HTTPError(400, f"model {model.name!r} has no tokenizer: send the prompt as token ids",
                                     param="prompt")
                 p = tok.encode(p).ids
-                if not p:
-                    raise HTTPError(400, "the prompt encodes to no tokens", param="prompt")
-            bad = next((t for t in p if not 0 <= t < model.vocab_size), None)
-            if bad is not None:
-                raise HTTPError(400, f"token id {bad} is outside the vocabulary [0, {model.vocab_size})", param="prompt")
             if len(p) > max_prompt:
                 raise HTTPError(400, f"the prompt has {len(p)} tokens; this server takes at most {max_prompt}",
                                 param="prompt")
-            if len(p) + c.max_tokens - 1 > model.max_seq_len:
-                raise HTTPError(400, f"the prompt ({len(p)} tokens) and max_tokens={c.max_tokens} need "
-                                f"{len(p) + c.max_tokens - 1} positions; the context is {model.max_seq_len}: "
-                                f"lower max_tokens to at most {model.max_seq_len - len(p) + 1}", param="max_tokens")
             out.append(list(p))
-        bad = next((t for t in c.sampling["stop_ids"] if not 0 <= t < model.vocab_size), None)
-        if bad is not None:
-            raise HTTPError(400, f"stop token id {bad} is outside the vocabulary [0, {model.vocab_size})",
-                            param="stop_token_ids")
         return out
 
     async def submit(self, c: CompletionRequest, prompts: list, arrived: float) -> Completion:
@@ -241,7 +229,7 @@ class Reply:
             return ch, text, [], ch.finish
         status, message = value
         self.end(i, "error")
-        raise HTTPError(status, message, "server_error", headers={"Retry-After": "1"} if status in (429, 503) else None)
+        raise retry_later(status, message) if status in (429, 503) else HTTPError(status, message, "server_error")
 
     def end(self, i: int, reason: str) -> None:
         self.open.discard(i)

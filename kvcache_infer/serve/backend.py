@@ -16,9 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .api import HTTPError
 from ..engine import Engine
-from ..errors import KVCacheError
 from .worker import EngineWorker
 
 Event = tuple[int, str, Any]
@@ -83,7 +81,8 @@ class Backend(ABC):
 
     @abstractmethod
     async def submit(self, prompts: list[list[int]], max_tokens: int, sampling: dict, session: str | None) -> Completion:
-        """Queues every prompt (validated token ids) or none: HTTPError (e.g. 429, queue full) when refused.
+        """Queues every prompt (token ids) or none: HTTPError when refused (400: the engine refuses the
+        request, 429: the queue is full).
         `session` (the request's `user`) keeps a session's requests on one engine where there are several."""
 
     @abstractmethod
@@ -158,10 +157,7 @@ class LocalBackend(Backend):
             self.worker.cancel([reqs[i]] if i is not None else reqs)
 
         out = Completion(cancel)
-        try:
-            reqs = self.worker.submit(prompts, max_tokens, sampling, push, time.perf_counter())
-        except KVCacheError as e:
-            raise HTTPError(400, str(e)) from None
+        reqs = self.worker.submit(prompts, max_tokens, sampling, push, time.perf_counter())
         index.update((r.id, i) for i, r in enumerate(reqs))
         return out
 

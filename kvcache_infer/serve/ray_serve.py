@@ -9,7 +9,7 @@ each session's requests on one replica so that its prefix cache holds the sessio
 Two deployments:
 - EngineReplica (N replicas): one Model, one Engine, one EngineWorker thread (continuous batching,
   prefix reuse) each; `generate` streams one prompt's events (backend.py's format).
-- Frontend (the HTTP ingress): the single-process app (server.create_app) over a RayBackend. It checks
+- Frontend (the HTTP ingress): the single-process app (app.create_app) over a RayBackend. It checks
   and tokenizes requests and sends each prompt through a DeploymentHandle with session_id = the
   request's `user`; Ray Serve's ConsistentHashRouter maps a session to a replica on a hash ring (a
   replica that leaves or joins moves only its own share of the sessions). A request without `user`
@@ -35,7 +35,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
-from .api import HTTPError, ServeLimits
+from .api import HTTPError, ServeLimits, retry_later
 from .backend import Backend, Completion, ServedModel, engine_snapshot, event_value
 from ..engine import Engine
 from ..errors import KVCacheError
@@ -85,7 +85,7 @@ class EngineReplica:
 
     async def generate(self, prompt: list[int], max_tokens: int, sampling: dict):
         """Yields lists of events: first [("accepted", replica id)] or [("refused", (status, message,
-        kind, headers))], then ("token", id) ... and ("done", (reason, cached_tokens)) or ("error",
+        kind, param, headers))], then ("token", id) ... and ("done", (reason, cached_tokens)) or ("error",
         (status, message)), then [("stats", (replica id, engine snapshot))]. Cancelling the stream
         cancels the prompt."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -93,10 +93,7 @@ class EngineReplica:
         try:
             [req] = self.worker.submit([prompt], max_tokens, sampling, push, time.perf_counter())
         except HTTPError as e:
-            yield [("refused", (e.status, e.message, e.kind, e.headers))]
-            return
-        except KVCacheError as e:
-            yield [("refused", (400, str(e), "invalid_request_error", {}))]
+            yield [("refused", (e.status, e.message, e.kind, e.param, e.headers))]
             return
         yield [("accepted", self.id)]
         try:
@@ -172,20 +169,17 @@ class RayBackend(Backend):
                 gen.cancel()                          # (awaiting it does not cancel the request)
                 raise
             except BackPressureError:
-                raise HTTPError(429, "every replica's queue is full; retry later", "rate_limit_error",
-                                headers={"Retry-After": "1"}) from None
+                raise retry_later(429, "every replica's queue is full; retry later", "rate_limit_error") from None
             except RayActorError:
                 if attempt == RETRIES:
-                    raise HTTPError(503, "the replicas failed; retry later", "server_error",
-                                    headers={"Retry-After": "1"}) from None
+                    raise retry_later(503, "the replicas failed; retry later") from None
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
             except (RayError, RayServeException) as e:
-                raise HTTPError(503, f"no replica could take the request ({type(e).__name__}); retry later",
-                                "server_error", headers={"Retry-After": "1"}) from None
+                raise retry_later(503, f"no replica could take the request ({type(e).__name__}); retry later") from None
             if kind == "refused":
-                status, message, err_kind, headers = value
-                raise HTTPError(status, message, err_kind, headers=headers)
+                status, message, err_kind, param, headers = value
+                raise HTTPError(status, message, err_kind, param, headers)
             return gen, value
         raise AssertionError("unreachable")
 
@@ -245,7 +239,7 @@ class RayBackend(Backend):
 
 @serve.ingress()
 class Frontend:
-    """The HTTP ingress: server.create_app over a RayBackend."""
+    """The HTTP ingress: app.create_app over a RayBackend."""
 
     def __init__(self, replicas, limits: dict):
         self.backend, self.limits = RayBackend(replicas), ServeLimits(**limits)

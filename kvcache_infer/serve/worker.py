@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .api import HTTPError
+from .api import refused, retry_later
 from ..engine import Engine
+from ..errors import KVCacheError
 
 
 class EngineWorker:
@@ -32,18 +33,22 @@ class EngineWorker:
         return self.thread.is_alive() and not self._stopping
 
     def submit(self, prompts: list, max_tokens: int, sampling: dict, callback, arrived: float) -> list:
-        """Validates every prompt, then queues them all (or none): [Request], timed from `arrived`
-        (perf_counter). Raises KVCacheError for a bad request and HTTPError(429) when the queue is full."""
+        """Queues every prompt (Engine.make_request checks each first) or none: [Request], timed from
+        `arrived` (perf_counter). HTTPError: 400 for a request the engine refuses, 429 when the queue
+        is full, 503 once stopping."""
         eng = self.engine
-        reqs = [eng.make_request(p, max_tokens, **sampling) for p in prompts]
+        try:
+            reqs = [eng.make_request(p, max_tokens, **sampling) for p in prompts]
+        except KVCacheError as e:
+            raise refused(e) from None
         for r in reqs:
             r.submitted_at = arrived
         with self._lock:
             if self._stopping:
-                raise HTTPError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
+                raise retry_later(503, "the server is shutting down", after_s=5)
             if eng.waiting_requests + len(reqs) > self.max_queue:
-                raise HTTPError(429, f"{eng.waiting_requests} requests are waiting (limit {self.max_queue}); retry later",
-                                "rate_limit_error", headers={"Retry-After": "1"})
+                raise retry_later(429, f"{eng.waiting_requests} requests are waiting (limit {self.max_queue}); "
+                                  "retry later", "rate_limit_error")
             for r in reqs:
                 self._subs[r.id] = (r, callback)
             eng.enqueue(reqs)
