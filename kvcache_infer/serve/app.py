@@ -21,9 +21,10 @@ import asyncio
 import functools
 import hmac
 import json
+import signal
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -302,7 +303,6 @@ def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_na
     """Serves until SIGTERM/SIGINT: then stops accepting, lets in-flight requests finish for up to
     shutdown_timeout_s, cancels the rest and returns (a second signal cuts the wait short). uvicorn runs
     in a thread so that the signals stay ours (uvicorn's own handling re-raises them on exit)."""
-    import signal
     import threading
 
     import uvicorn
@@ -316,14 +316,21 @@ def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_na
             server.force_exit = True
         server.should_exit = True
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with on_signals(stop):
         thread = threading.Thread(target=server.run, name="uvicorn")
         thread.start()
         while thread.is_alive():
             thread.join(0.2)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     if not server.started:
         raise OSError(f"could not serve on {host}:{port} (see the log above)")
+
+
+@contextmanager
+def on_signals(handler):
+    """SIGTERM and SIGINT go to handler(signum, frame) inside the block; the previous handlers after it."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -131,7 +131,7 @@ def event_value(req, kind: str, value):
 
 
 class LocalBackend(Backend):
-    """One Engine in this process, its scheduler ticked by one thread (worker.EngineWorker)."""
+    """One Engine in this process, ticked by one thread (worker.EngineWorker)."""
 
     def __init__(self, engine: Engine, *, name: str | None = None, max_queue: int = 256):
         self.engine = engine

@@ -304,27 +304,26 @@ def run(options: ReplicaOptions, replicas: int, limits: ServeLimits = ServeLimit
     until SIGTERM/SIGINT; then in-flight requests get up to shutdown_timeout_s to finish, and the
     application is removed (a Ray instance started here is stopped too)."""
     import logging
-    import signal
     import threading
 
     import ray
+
+    from .app import on_signals
 
     logging.getLogger("ray.serve").setLevel(log_level.upper())
     ray.init(address=address, include_dashboard=False, logging_level=log_level.upper(),
              **({} if address else {"num_cpus": max(os.cpu_count() or 1, replicas * (options.threads or 1))}))
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(build(options, replicas, limits, shutdown_timeout_s, log_level), name=name, route_prefix="/",
-                  blocking=False)      # returns when every replica runs
-        print(f"kvcache-infer serve: ready on http://{host}:{port}/v1", file=sys.stderr, flush=True)
-        while not stop.wait(0.5):
-            pass
-        print("kvcache-infer serve: stopping (in-flight requests finish first)", file=sys.stderr, flush=True)
+        with on_signals(lambda *_: stop.set()):
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(build(options, replicas, limits, shutdown_timeout_s, log_level), name=name, route_prefix="/",
+                      blocking=False)      # returns when every replica runs
+            print(f"kvcache-infer serve: ready on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+            while not stop.wait(0.5):
+                pass
+            print("kvcache-infer serve: stopping (in-flight requests finish first)", file=sys.stderr, flush=True)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         # A signal to the whole process group (systemd's default KillMode, `kill -- -PGID`) stops Ray's
         # own processes too, and every call into Ray would then wait for them: each step gets a deadline.
         if _within(2, serve.status):

@@ -11,7 +11,7 @@ from ..errors import KVCacheError
 
 
 class EngineWorker:
-    """Owns an Engine's scheduler in one thread: submit() from any thread, events to a callback.
+    """Ticks an Engine in one thread: submit() from any thread, events to a callback.
 
     A request's callback is called as callback(request, kind, value): ("token", token id) per generated
     token, then once ("done", finish_reason) or ("error", message). Callbacks run on the engine thread
