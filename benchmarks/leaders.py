@@ -298,7 +298,7 @@ def main(argv=None) -> None:
     ap.add_argument("--resume", action="store_true",
                     help="take the results an interrupted run left in its journal instead of measuring them again")
     ap.add_argument("--render", type=Path, metavar="JSON",
-                    help="measure nothing: rebuild the table, the plots and the README's table from a results JSON")
+                    help="measure nothing: rebuild the table and the plots from a results JSON (and, for a committed one, the generated tables of README.md and docs/)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--precision", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -323,26 +323,19 @@ def main(argv=None) -> None:
     publish(record, out)
 
 
-README_BEGIN, README_END = "<!-- leaders table: python -m benchmarks.leaders --render", "<!-- end of leaders table -->"
-
-
 def publish(record: dict, out: Path) -> None:
-    """The markdown table and the plots beside the JSON; for the committed JSON, the README's copy of the table
-    too (between its markers)."""
+    """The markdown table and the plots beside the JSON; for the committed JSON, every generated block of the
+    README and docs/ too (python -m benchmarks.report --docs)."""
     table = markdown(record)
     out.with_suffix(".md").write_text(table)
     print(table)
     for p in plot(record, out):
         print(f"wrote {p}")
     print(f"wrote {out.with_suffix('.md')}")
-    readme = REPO / "README.md"
-    if out.resolve().parent == (REPO / "benchmarks" / "results").resolve() and readme.is_file():
-        text = readme.read_text()
-        i, j = text.find(README_BEGIN), text.find(README_END)
-        if 0 <= i < j:
-            start = text.index("\n", i) + 1
-            readme.write_text(text[:start] + table + text[j:])
-            print(f"updated the table in {readme}")
+    if out.resolve().parent == (REPO / "benchmarks" / "results").resolve():
+        from .report import render_docs
+        for path in render_docs():
+            print(f"updated the generated tables in {path}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Every Python block of the README runs as written, in order, in one namespace, from the repo root,
-and prints what its `print(...)  # -> EXPECTED` comments say (a line of the block's output starts so).
+"""Every Python block of README.md and of each docs/*.md runs as written, in order, in one namespace per file,
+from the repo root, and prints what its `print(...)  # -> EXPECTED` comments say (a line of the block's output
+starts so).
 A block that starts with "# with `kvcache-infer serve [OPTIONS]` running:" runs against a
 `kvcache-infer serve OPTIONS` started for it (on port 8000 when that is free, else on a free port
 substituted into the block)."""
@@ -14,6 +15,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_MARK = re.compile(r"# with `kvcache-infer serve([^`]*)` running:")
@@ -57,30 +60,54 @@ def served(options: list[str]):
         p.wait(90)
 
 
-def test_readme_python_blocks_run_as_written(capsys):
-    blocks = python_blocks((ROOT / "README.md").read_text())
-    assert len(blocks) >= 6 and any(SERVER_MARK.match(b) for b in blocks)
+def run_blocks(path: Path, capsys) -> tuple[str, int]:
+    """Runs the file's Python blocks in order in one namespace; returns what they printed and how many
+    `# -> EXPECTED` lines were checked."""
+    blocks = python_blocks(path.read_text())
+    name = str(path.relative_to(ROOT))
     namespace: dict = {"__name__": "__readme__"}
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
         out, expected = "", 0
         for i, block in enumerate(blocks, 1):
-            code = compile(block, f"README.md python block {i}", "exec")
             mark = SERVER_MARK.match(block)
             if mark:
                 with served(mark[1].split()) as port:
-                    exec(compile(block.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), f"README.md python block {i}",
+                    exec(compile(block.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), f"{name} python block {i}",
                                  "exec"), namespace)
             else:
-                exec(code, namespace)
+                exec(compile(block, f"{name} python block {i}", "exec"), namespace)
             printed = capsys.readouterr().out
             out += printed
             for want in EXPECT.findall(block):
                 expected += 1
                 assert any(line.startswith(want) for line in printed.splitlines()), \
-                    f"README.md python block {i} should print a line starting {want!r}; it printed:\n{printed}"
+                    f"{name} python block {i} should print a line starting {want!r}; it printed:\n{printed}"
     finally:
         os.chdir(cwd)
-    assert expected >= 2
+    return out, expected
+
+
+def test_readme_python_blocks_run_as_written(capsys):
+    blocks = python_blocks((ROOT / "README.md").read_text())
+    assert len(blocks) >= 3 and any(SERVER_MARK.match(b) for b in blocks)
+    out, expected = run_blocks(ROOT / "README.md", capsys)
+    assert expected >= 4
     assert "first token" in out and "Engine KV cache memory" in out
+
+
+DOCS = sorted(p.name for p in (ROOT / "docs").glob("*.md") if python_blocks(p.read_text()))
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_docs_python_blocks_run_as_written(doc, capsys):
+    path = ROOT / "docs" / doc
+    blocks = python_blocks(path.read_text())
+    out, expected = run_blocks(path, capsys)
+    assert expected >= 1, f"docs/{doc}: no `print(...)  # -> EXPECTED` line checks what its blocks print"
+
+
+def test_docs_with_python_blocks():
+    """The pages that teach an API carry runnable blocks (a page that loses its blocks fails here)."""
+    assert {"inferencer.md", "engine.md", "serving.md"} <= set(DOCS)
