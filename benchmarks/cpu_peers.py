@@ -73,6 +73,11 @@ SIZES = {
              "shared": {"requests": 16, "prefix": 128, "suffix": 16, "new": 8, "seed": 0},
              "server_ctx_per_slot": {"serving": 128, "shared-prefix": 256}},
 }
+# --short (scripts/run.sh's short run, GPT-2 small): one prompt length, fewer tokens and requests; not the published sizes
+SHORT = {"decode_prompts": (32,), "decode_new": 32, "decode_timed": 2, "first_prompts": (32,), "first_timed": 3,
+         "serving": {"n": 16, "seed": 0, "prompt": (8, 64), "out": (16, 64)},
+         "shared": {"requests": 8, "prefix": 256, "suffix": 16, "new": 16, "seed": 0},
+         "server_ctx_per_slot": {"serving": 512, "shared-prefix": 1024}}
 SERVING_SLOTS = 16
 
 
@@ -623,7 +628,7 @@ def worker(a) -> None:
     root = a.model_root if a.model_root.is_absolute() else REPO / a.model_root
     cfg = hf_config(root, a.model)
     vocab = int(cfg["vocab_size"])
-    sz = SIZES[a.model]
+    sz = SHORT if a.short else SIZES[a.model]
     t0 = time.perf_counter()
     if a.worker == "openvino":
         res = ov_single(a, root, vocab, sz) if a.workload in ("decode", "first-token") else ov_many(a, root, vocab, sz)
@@ -632,7 +637,7 @@ def worker(a) -> None:
     else:
         res = ct2_worker(a, root, vocab, sz)
     emit({"peer": a.worker, "precision": a.precision, "workload": a.workload, "model": a.model,
-          "smoke_only": a.model == "tiny", "threads": a.threads, **res,
+          "smoke_only": a.model == "tiny", "short": a.short, "threads": a.threads, **res,
           "worker_s": time.perf_counter() - t0, "environment": environment(a.threads)})
 
 
@@ -668,6 +673,7 @@ def main() -> None:
     ap.add_argument("--model-root", type=Path, default=Path("models/peers"))
     ap.add_argument("--model", default="gpt2", choices=sorted(SIZES))
     ap.add_argument("--tiny", action="store_true", help="--model tiny: the tiny models and sizes (smoke tests)")
+    ap.add_argument("--short", action="store_true", help="a worker's short sizes (scripts/run.sh's short run; not results)")
     ap.add_argument("--peers", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     ap.add_argument("--rounds", type=int, default=1)

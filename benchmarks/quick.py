@@ -1,0 +1,189 @@
+"""The short headline comparison of `bash scripts/run.sh`: a few minutes, not the published numbers.
+
+    python -m benchmarks.quick [--model models/gpt2] [--peers auto|leaders|core|none] [--threads 2]
+
+GPT-2 small (our export at --model; the peers' own formats from models/peers/), fp32, one round, every
+(system, workload) alone in its own process (benchmarks.isolate), short sizes (benchmarks.cpu_peers.SHORT):
+    decode    one sequence: a fresh 32-id prompt, then 32 greedy tokens; ms per token after the first
+              (median of 2 runs after 1 untimed)
+    serving   16 requests at once, prompts U[8,64], outputs U[16,64] (exactly that many tokens);
+              generated tokens / wall time. Our Engine runs 16 sequences at a time.
+Peers: the CPU leaders (OpenVINO GenAI, llama.cpp, CTranslate2; `bash scripts/setup_peers.sh`, then
+`.venv-peers/bin/python -m benchmarks.peer_models`) where installed, at fp32; without any of them, the
+core install's peers on the decode workload (HF transformers eager, onnxruntime-genai and a plain ORT
+loop on Optimum's export at MODEL-optimum). Each peer that is not installed is named with the reason.
+The full comparison: `python -m benchmarks.leaders --rounds 3` and `python -m benchmarks.suite`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .cpu_peers import LLAMA_BIN, SHORT, workload_requests
+from .isolate import Case, emit, out_dir, run_worker
+
+REPO = Path(__file__).resolve().parent.parent
+PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
+PEER_ROOT = REPO / "models" / "peers"
+SETUP = "run `bash scripts/setup_peers.sh`, then `.venv-peers/bin/python -m benchmarks.peer_models`"
+# leader: (precision shown, what it needs beyond .venv-peers, label)
+LEADERS = {"openvino": ("fp32-default", [PEER_ROOT / "gpt2-ov-fp32"], "OpenVINO GenAI"),
+           "llamacpp": ("f32", [LLAMA_BIN / "llama-bench", LLAMA_BIN / "llama-server", PEER_ROOT / "gpt2-f32.gguf"],
+                        "llama.cpp"),
+           "ct2": ("float32", [PEER_ROOT / "gpt2-ct2-float32"], "CTranslate2")}
+CORE = {"hf-eager": "HF transformers (eager, torch)", "genai": "onnxruntime-genai", "ort-plain": "a plain ORT loop"}
+
+
+# -- the worker: ours (both workloads) and the core peers (decode), through benchmarks.peers' systems -----------
+def _decode(system, V: int) -> dict:
+    rng = np.random.default_rng(1)
+    p, n = SHORT["decode_prompts"][0], SHORT["decode_new"]
+    runs = []
+    for k in range(SHORT["decode_timed"] + 1):
+        tok = system.start(rng.integers(0, V - 1, (1, p)))       # a fresh prompt each run
+        gaps = []
+        for _ in range(n - 1):
+            t0 = time.perf_counter()
+            tok = system.step(np.asarray(tok).reshape(1))
+            gaps.append((time.perf_counter() - t0) * 1e3)
+        if k:                                                    # the first run is untimed
+            runs.append(float(np.mean(gaps)))
+    return {"ms_per_token": float(np.median(runs)), "runs_ms": runs, "prompt": p, "new_tokens": n}
+
+
+def _serving(model_dir: Path, V: int, threads: int) -> dict:
+    from kvcache_infer import Engine, Model
+
+    from .common import session_options
+    model = Model(model_dir, intra_op_threads=threads, session_options=session_options(threads))
+    reqs = workload_requests("serving", SHORT, V)
+    eng = Engine(model, max_sequences=16, max_seq_len=512)
+    eng.generate(list(np.random.default_rng(1234).integers(0, V - 1, (2, 24))), max_new_tokens=4)
+    t0 = time.perf_counter()
+    handles = [eng.submit(r["prompt"], max_new_tokens=r["out"]) for r in reqs]
+    while eng.busy:
+        eng.tick()
+    if [len(h.output) for h in handles] != [r["out"] for r in reqs]:
+        raise RuntimeError("a request did not generate its exact length")
+    got = sum(len(h.output) for h in handles)
+    wall = max(h.token_times[-1] for h in handles) - t0
+    return {"tokens_per_s": got / wall, "wall_s": wall, "generated_tokens": got, "requests": len(reqs),
+            "ttft_p50_s": float(np.percentile([h.ttft for h in handles], 50))}
+
+
+def worker(a) -> None:
+    from .common import environment
+    from .peers import GenAI, HFEager, Ours, PlainOrtLoop, hf_model_for
+    model_dir = Path(a.model)
+    optimum_dir = model_dir.with_name(f"{model_dir.name}-optimum")
+    V = json.loads((model_dir / "manifest.json").read_text())["vocab_size"]
+    cap = SHORT["decode_prompts"][0] + SHORT["decode_new"] + 1
+    if a.workload == "serving":
+        numbers = _serving(model_dir, V, a.threads)
+    else:
+        system = {"kvcache-infer": lambda: Ours(model_dir, a.threads, {1: cap}),
+                  "hf-eager": lambda: HFEager(hf_model_for(model_dir), a.threads),
+                  "genai": lambda: GenAI(optimum_dir, a.threads, cap),
+                  "ort-plain": lambda: PlainOrtLoop(optimum_dir, a.threads)}[a.worker]()
+        numbers = _decode(system, V)
+    emit({"system": a.worker, "workload": a.workload, "numbers": numbers, "environment": environment(a.threads)})
+
+
+# -- the runner -----------------------------------------------------------------------------------------------
+def leaders_present() -> tuple[list[str], list[str]]:
+    """(leaders that can run here, one line per leader that cannot, with the reason)."""
+    if not PEERS_PYTHON.is_file():
+        return [], [f"{label}: not installed ({PEERS_PYTHON.relative_to(REPO)} is missing); {SETUP}"
+                    for _, _, label in LEADERS.values()]
+    ok, skipped = [], []
+    for peer, (_, needs, label) in LEADERS.items():
+        missing = [p for p in needs if not p.exists()]
+        if missing:
+            skipped.append(f"{label}: {missing[0].relative_to(REPO)} is missing; {SETUP}")
+        else:
+            ok.append(peer)
+    return ok, skipped
+
+
+def figure(res: dict) -> float | None:
+    if "failed" in res:
+        return None
+    n = res["numbers"]
+    if res["workload"] == "decode":
+        if "ms_per_token" in n:
+            return n["ms_per_token"]
+        return next(iter(n.values()))["ms_per_token"]             # cpu_peers: {"P32": {...}}
+    return n["tokens_per_s"]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="models/gpt2", help="our fp32 export of GPT-2 small (seed 0)")
+    ap.add_argument("--peers", default="auto", choices=["auto", "leaders", "core", "none"],
+                    help="auto: the CPU leaders that are installed, else the core install's peers")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per process")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        return worker(a)
+    t = str(a.threads)
+    ours = lambda w: ["kvcache-infer", "--model", a.model, "--workload", w, "--threads", t]   # noqa: E731
+    cases: dict[str, list[str] | Case] = {"kvcache-infer fp32 / decode": ours("decode"),
+                                          "kvcache-infer fp32 / serving": ours("serving")}
+    leaders, skipped = leaders_present() if a.peers in ("auto", "leaders") else ([], [])
+    for peer in leaders:
+        prec = LEADERS[peer][0]
+        for w in ("decode", "serving"):
+            cases[f"{LEADERS[peer][2]} {prec} / {w}"] = Case(
+                str(PEERS_PYTHON), "benchmarks.cpu_peers",
+                [peer, "--precision", prec, "--workload", w, "--threads", t, "--short"])
+    core = a.peers == "core" or (a.peers == "auto" and not leaders)
+    if core:
+        for name, label in CORE.items():
+            cases[f"{label} / decode"] = [name, "--model", a.model, "--workload", "decode", "--threads", t]
+    print(f"short run: GPT-2 small ({a.model}, random weights, seed 0), fp32, {a.threads} threads, one round, "
+          f"each system alone in its own process", flush=True)
+    print("  decode: one sequence, 32-token prompt, then 32 tokens; serving: 16 requests at once, outputs of "
+          "16-64 tokens", flush=True)
+    for line in skipped:
+        print(f"  skipped: {line}", flush=True)
+    if core:
+        print("  peers: the core install's (no CPU leader is installed here)", flush=True)
+    runs, t0 = {}, time.perf_counter()
+    for i, (name, c) in enumerate(cases.items()):
+        res = run_worker(c.module, c.args, a.timeout, c.python) if isinstance(c, Case) else \
+            run_worker("benchmarks.quick", c, a.timeout)
+        runs[name] = res
+        how = "did not run" if "failed" in res else f"{res['process_wall_s']:.0f} s"
+        print(f"  [{i + 1}/{len(cases)}, {time.perf_counter() - t0:.0f} s] {name}: {how}", flush=True)
+    rows: dict[str, dict] = {}
+    notes = []
+    for name, res in runs.items():
+        system, w = name.rsplit(" / ", 1)
+        v = figure(res)
+        rows.setdefault(system, {})[w] = v
+        if v is None:
+            notes.append(f"{name} could not run here: {res['failed'][:200]}")
+    print(f"\n{'system':40s} {'decode ms/token':>16s} {'serving tokens/s':>17s}")
+    for system, r in rows.items():
+        d, s = r.get("decode"), r.get("serving")
+        print(f"{system:40s} {'-' if d is None else f'{d:.2f}':>16s} {'-' if s is None else f'{s:.0f}':>17s}")
+    for line in notes:
+        print("note: " + line)
+    path = out_dir(False) / "quick_gpt2.json"
+    path.write_text(json.dumps({"benchmark": "quick", "model": a.model, "threads": a.threads, "sizes": SHORT,
+                                "skipped": skipped, "runs": runs}, indent=1, default=str) + "\n")
+    print(f"\nThis is a short run (one round, short workloads, fp32 only, on a machine that may be busy): not the "
+          f"published numbers.\nThe full comparison (all precisions, 3 rounds): python -m benchmarks.leaders --rounds 3; "
+          f"everything: bash scripts/run.sh --full\nwrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
