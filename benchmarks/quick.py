@@ -175,14 +175,25 @@ def main(argv=None) -> None:
     for system, r in rows.items():
         d, s = r.get("decode"), r.get("serving")
         print(f"{system:40s} {'-' if d is None else f'{d:.2f}':>16s} {'-' if s is None else f'{s:.0f}':>17s}")
+    ours = rows.get("kvcache-infer fp32", {})
+    for system, r in rows.items():
+        if system == "kvcache-infer fp32":
+            continue
+        said = [f"decode {ours['decode'] / r['decode']:.2f}x its ms/token" if ours.get("decode") and r.get("decode") else "",
+                f"serving {ours['serving'] / r['serving']:.2f}x its tokens/s" if ours.get("serving") and r.get("serving")
+                else ""]
+        if any(said):
+            print(f"kvcache-infer against {system}: " + ", ".join(x for x in said if x))
     for line in notes:
         print("note: " + line)
     path = out_dir(False) / "quick_gpt2.json"
     path.write_text(json.dumps({"benchmark": "quick", "model": a.model, "threads": a.threads, "sizes": SHORT,
                                 "skipped": skipped, "runs": runs}, indent=1, default=str) + "\n")
+    full = ("python -m benchmarks.suite --rounds 3 (the core install's peers, every position and batch)" if core else
+            "python -m benchmarks.leaders --rounds 3 (every precision, every workload)")
     print(f"\nThis is a short run (one round, short workloads, fp32 only, on a machine that may be busy): not the "
-          f"published numbers.\nThe full comparison (all precisions, 3 rounds): python -m benchmarks.leaders --rounds 3; "
-          f"everything: bash scripts/run.sh --full\nwrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+          f"published numbers.\nThe full comparison: {full}; everything: bash scripts/run.sh --full\n"
+          f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
 
 
 if __name__ == "__main__":
