@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -156,7 +157,7 @@ def main(argv=None) -> None:
         print(f"  skipped: {line}", flush=True)
     if core:
         print("  peers: the core install's (no CPU leader is installed here)", flush=True)
-    runs, t0 = {}, time.perf_counter()
+    load0, runs, t0 = os.getloadavg()[0], {}, time.perf_counter()
     for i, (name, c) in enumerate(cases.items()):
         res = run_worker(c.module, c.args, a.timeout, c.python) if isinstance(c, Case) else \
             run_worker("benchmarks.quick", c, a.timeout)
@@ -179,13 +180,18 @@ def main(argv=None) -> None:
     for system, r in rows.items():
         if system == "kvcache-infer fp32":
             continue
-        said = [f"decode {ours['decode'] / r['decode']:.2f}x its ms/token" if ours.get("decode") and r.get("decode") else "",
-                f"serving {ours['serving'] / r['serving']:.2f}x its tokens/s" if ours.get("serving") and r.get("serving")
-                else ""]
+        said = [f"decode ms/token {ours['decode'] / r['decode']:.2f}x theirs (lower is better)"
+                if ours.get("decode") and r.get("decode") else "",
+                f"serving tokens/s {ours['serving'] / r['serving']:.2f}x theirs (higher is better)"
+                if ours.get("serving") and r.get("serving") else ""]
         if any(said):
             print(f"kvcache-infer against {system}: " + ", ".join(x for x in said if x))
     for line in notes:
         print("note: " + line)
+    load = max(load0, os.getloadavg()[0])
+    if load > 0.5 * (os.cpu_count() or 1) + 0.5:
+        print(f"note: other work was running (load average up to {load:.1f} on {os.cpu_count()} cores): these figures "
+              f"are slower and noisier than on an idle machine")
     path = out_dir(False) / "quick_gpt2.json"
     path.write_text(json.dumps({"benchmark": "quick", "model": a.model, "threads": a.threads, "sizes": SHORT,
                                 "skipped": skipped, "runs": runs}, indent=1, default=str) + "\n")
