@@ -129,6 +129,7 @@ def main(argv=None) -> None:
                     help="auto: the CPU leaders that are installed, else the core install's peers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per process")
+    ap.add_argument("--out-dir", type=Path, default=None, help="where the JSON goes (default benchmarks/out)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -192,14 +193,16 @@ def main(argv=None) -> None:
     if load > 0.5 * (os.cpu_count() or 1) + 0.5:
         print(f"note: other work was running (load average up to {load:.1f} on {os.cpu_count()} cores): these figures "
               f"are slower and noisier than on an idle machine")
-    path = out_dir(False) / "quick_gpt2.json"
+    folder = out_dir(False) if a.out_dir is None else a.out_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "quick_gpt2.json"
     path.write_text(json.dumps({"benchmark": "quick", "model": a.model, "threads": a.threads, "sizes": SHORT,
                                 "skipped": skipped, "runs": runs}, indent=1, default=str) + "\n")
     full = ("python -m benchmarks.suite --rounds 3 (the core install's peers, every position and batch)" if core else
             "python -m benchmarks.leaders --rounds 3 (every precision, every workload)")
     print(f"\nThis is a short run (one round, short workloads, fp32 only, on a machine that may be busy): not the "
           f"published numbers.\nThe full comparison: {full}; everything: bash scripts/run.sh --full\n"
-          f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+          f"wrote {path}")
 
 
 if __name__ == "__main__":

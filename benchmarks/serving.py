@@ -419,6 +419,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--publish", action="store_true", help="write to benchmarks/results (committed) instead of "
                     "benchmarks/out")
+    ap.add_argument("--out-dir", type=Path, default=None, help="where results go (overrides --publish's choice)")
     ap.add_argument("--replot", type=Path, default=None, metavar="JSON", help="rebuild the plots of a result file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--base", default=None, help=argparse.SUPPRESS)
@@ -429,7 +430,8 @@ def main() -> None:
         return replot(a.replot)
     models = [Path(m) for m in (a.model or ["models/gpt2"])]
     base = models[0].name
-    out = out_dir(a.publish)
+    out = out_dir(a.publish) if a.out_dir is None else a.out_dir
+    out.mkdir(parents=True, exist_ok=True)
     for model in models:
         for arrival in a.arrival:
             cases = {s: ["--model", str(model), "--base", base, "--arrival", arrival, "--rate", str(a.rate),

@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--publish", action="store_true")
+    ap.add_argument("--out-dir", type=Path, default=None, help="where results go (overrides --publish's choice)")
     ap.add_argument("--replot", type=Path, default=None, metavar="JSON", help="rebuild the plot of a result file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -100,11 +101,13 @@ def main() -> None:
             and ok["prefix-cache-on"][0]["outputs"] == ok["prefix-cache-off"][0]["outputs"])
     ratio = (summary["prefix-cache-on"]["total_s"]["median"] / summary["prefix-cache-off"]["total_s"]["median"]
              if all("failed" not in v for v in summary.values()) else None)
-    record = {"benchmark": "shared_prefix", "model": a.model, "workload": vars(a) | {"worker": None},
+    record = {"benchmark": "shared_prefix", "model": a.model, "workload": vars(a) | {"worker": None, "out_dir": None},
               "environment": environment(a.threads), "summary": summary, "on_over_off_total": ratio,
               "same_tokens_on_and_off": bool(same),
               "rounds": {s: [{k: v for k, v in r.items() if k != "outputs"} for r in rs] for s, rs in res.items()}}
-    out = out_dir(a.publish) / f"shared_prefix_{Path(a.model).name}.json"
+    folder = out_dir(a.publish) if a.out_dir is None else a.out_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"shared_prefix_{Path(a.model).name}.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
     plot(record, out.with_suffix(".png"))
     for s, v in summary.items():

@@ -11,7 +11,8 @@
 #      scripts/setup_peers.sh), or else the core install's peers (HF transformers, onnxruntime-genai, a plain
 #      ORT loop); the skipped ones are named with the reason.
 # One round, short workloads: not the published numbers. Every system runs alone in its own process.
-# Everything it writes goes to git-ignored places: .venv/, models/, benchmarks/out/.
+# Everything it writes goes to git-ignored places: .venv/, models/, benchmarks/out/short/ (the full job's
+# results, in benchmarks/out/, are left alone).
 #
 #   bash scripts/run.sh --full [suite arguments]: the full job (about 45 min on two cores): the Engine's
 #   serving benchmark (48 requests), shared prefix (16 x 512), tree search, then the comparison suite of
@@ -54,6 +55,7 @@ if [ "$FULL" = 1 ]; then
   exit 0
 fi
 
+OUT=benchmarks/out/short        # apart from the full job's results in benchmarks/out/
 echo "This is the short run: one round, short workloads, fp32 only (not the published numbers)."
 echo "The full job (about 45 minutes on two cores): bash scripts/run.sh --full"
 
@@ -63,12 +65,12 @@ echo "the runs below use models/gpt2: GPT-2 small, 124M parameters, fp32, random
 
 step "the Engine: 16 requests of different lengths at once, continuous batching (16 sequences) against sequential decoding"
 $PY -m benchmarks.serving --model models/gpt2 --rounds 1 --systems engine-16 sequential \
-    --requests 16 --prompt-range 8 64 --output-range 16 64
+    --requests 16 --prompt-range 8 64 --output-range 16 64 --out-dir "$OUT"
 
 step "the Engine: 8 requests sharing a 256-token prefix, the prefix cache on and off"
-$PY -m benchmarks.shared_prefix --model models/gpt2 --rounds 1 --requests 8 --prefix 256 --new-tokens 16
+$PY -m benchmarks.shared_prefix --model models/gpt2 --rounds 1 --requests 8 --prefix 256 --new-tokens 16 --out-dir "$OUT"
 
 step "the headline comparison: kvcache-infer against the installed peers"
-$PY -m benchmarks.quick --model models/gpt2 --threads 2
+$PY -m benchmarks.quick --model models/gpt2 --threads 2 --out-dir "$OUT"
 
-step "done (short run); results in benchmarks/out/; the full job: bash scripts/run.sh --full"
+step "done (short run); results in $OUT/; the full job: bash scripts/run.sh --full"
