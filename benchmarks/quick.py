@@ -111,6 +111,18 @@ def leaders_present() -> tuple[list[str], list[str]]:
     return ok, skipped
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process and its finished children)."""
+    import resource
+    ours = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return float("nan"), ours
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK"), ours
+
+
 def figure(res: dict) -> float | None:
     if "failed" in res:
         return None
@@ -158,7 +170,7 @@ def main(argv=None) -> None:
         print(f"  skipped: {line}", flush=True)
     if core:
         print("  peers: the core install's (no CPU leader is installed here)", flush=True)
-    load0, runs, t0 = os.getloadavg()[0], {}, time.perf_counter()
+    cpu0, runs, t0 = cpu_seconds(), {}, time.perf_counter()
     for i, (name, c) in enumerate(cases.items()):
         res = run_worker(c.module, c.args, a.timeout, c.python) if isinstance(c, Case) else \
             run_worker("benchmarks.quick", c, a.timeout)
@@ -189,15 +201,17 @@ def main(argv=None) -> None:
             print(f"kvcache-infer against {system}: " + ", ".join(x for x in said if x))
     for line in notes:
         print("note: " + line)
-    load = max(load0, os.getloadavg()[0])
-    if load > 0.5 * (os.cpu_count() or 1) + 0.5:
-        print(f"note: other work was running (load average up to {load:.1f} on {os.cpu_count()} cores): these figures "
-              f"are slower and noisier than on an idle machine")
+    cpu1, wall = cpu_seconds(), time.perf_counter() - t0
+    others = ((cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])) / (wall * (os.cpu_count() or 1))
+    if others > 0.1:              # the machine's busy time beyond this run's own processes
+        print(f"note: other work used about {100 * min(others, 1):.0f}% of the {os.cpu_count()} cores meanwhile: these "
+              f"figures are slower and noisier than on an idle machine")
     folder = out_dir(False) if a.out_dir is None else a.out_dir
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "quick_gpt2.json"
     path.write_text(json.dumps({"benchmark": "quick", "model": a.model, "threads": a.threads, "sizes": SHORT,
-                                "skipped": skipped, "runs": runs}, indent=1, default=str) + "\n")
+                                "skipped": skipped,
+                                "other_work_cpu_share": others, "runs": runs}, indent=1, default=str) + "\n")
     full = ("python -m benchmarks.suite --rounds 3 (the core install's peers, every position and batch)" if core else
             "python -m benchmarks.leaders --rounds 3 (every precision, every workload)")
     print(f"\nThis is a short run (one round, short workloads, fp32 only, on a machine that may be busy): not the "
