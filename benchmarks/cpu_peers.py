@@ -34,9 +34,7 @@ import platform
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor

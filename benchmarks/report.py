@@ -41,7 +41,7 @@ def markdown(r: dict) -> str:
              (f"Read bandwidth of a matrix-vector product, measured in every process: {min(bws):.1f}-{max(bws):.1f} "
               "GB/s; each process's floor uses its own."), ""]
     names = _names(d, skip=("no-cache", *VARIANTS))
-    lines += [f"**ms per generated token, batch 1** (each step feeds one token and picks the next):", "",
+    lines += ["**ms per generated token, batch 1** (each step feeds one token and picks the next):", "",
               "| position | " + " | ".join(names) + " | ours: % of floor |", "|---" * (len(names) + 2) + "|"]
     for p in w["positions"]:
         ours = d["kvcache-infer"]["1"].get(str(p))
@@ -149,7 +149,7 @@ def plots(r: dict, stem: Path) -> list[Path]:
             line, = a2.plot([p for p, _ in pts], [s["median_ms"] for _, s in pts], marker="o",
                             label=n.replace("kvcache-infer", "ours") if n != "kvcache-infer" else "ours fp32")
             a2.plot([p for p, _ in pts], [s["floor_ms"] for _, s in pts], ls=":", color=line.get_color(),
-                    label=f"its floor")
+                    label="its floor")
     a2.set(xlabel="cache position", title="our exports and their memory-bandwidth floors")
     tops = [s["max_ms"] for n in d if n != "no-cache" for s in d[n].get("1", {}).values()]
     a1.set_ylim(0, 1.1 * max(tops))

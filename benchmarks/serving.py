@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,12 +86,12 @@ def run_engine(model_dir: Path, reqs: list[dict], threads: int, slots: int) -> d
         lens = [s.position for s in eng.live]
         memory.append({"t": now, "active": p.active_sequences, "tokens": p.total_tokens,
                        "retained_tokens": p.retained_tokens, "used_bytes": p.used_bytes,
-                       "occupied_rows_bytes": p.logical_blocks * p.rows_per_block * per,
+                       "occupied_rows_bytes": p.occupied_slots * p.rows_per_slot * per,
                        "fragmentation": p.fragmentation_ratio,
                        "block16_bytes": int(sum(-(-n // 16) * 16 for n in lens) * per)})
     prof = eng.memory_profile()
     return {"memory_timeline": memory, "total_cache_bytes": prof.total_bytes, "slots": slots,
-            "rows_per_slot": prof.rows_per_block, "bytes_per_token": per, "engine_stats": dict(eng.stats)}
+            "rows_per_slot": prof.rows_per_slot, "bytes_per_token": per, "engine_stats": dict(eng.stats)}
 
 
 def run_sequential(model_dir: Path, reqs: list[dict], threads: int) -> dict:

@@ -81,8 +81,7 @@ def cmd_serve(a) -> int:
             raise KVCacheError("--replicas runs CPU replicas in this version; for CUDA serve one process: "
                                "drop --replicas")
         try:
-            import ray  # noqa: F401
-            from ray import serve  # noqa: F401
+            import ray.serve  # noqa: F401
         except ImportError as e:
             raise KVCacheError(f"--replicas needs the ray extra ({e.name} is missing): "
                                "pip install 'kvcache-infer[serve,ray]'") from None

@@ -9,10 +9,12 @@ import numpy as np
 import onnxruntime as ort
 
 from .runtime.cache import make_cache
-from .errors import CapacityError, ConcurrentUseError, InvalidInputError
+from .runtime.checks import int_arg, max_seq_len_arg, rows_fit
+from .runtime.checks import token_ids as token_ids_arg
+from .errors import ConcurrentUseError, InvalidInputError
 from .runtime.generation import Sampler, check_request, decode, encode_prompt, stream_text
 from .runtime.metrics import LatencyTracker, MemoryProfile, Metrics
-from .runtime.model import Model
+from .runtime.model import Model, shared_model
 from .runtime.runs import PackedRun, PaddedRun
 from .runtime.snapshot import CacheSnapshot, check, take
 
@@ -37,26 +39,12 @@ class KVCacheInferencer:
     def __init__(self, model: Model | str | Path, *, device: str | None = None, device_id: int = 0,
                  max_seq_len: int | None = None, batch_size: int = 1, intra_op_threads: int | None = None,
                  session_options: ort.SessionOptions | None = None):
-        if isinstance(model, Model):
-            if device is not None and device != model.device:
-                raise InvalidInputError(f"device={device!r} but the Model was loaded for {model.device!r}; "
-                                        "load the Model with the device you want")
-        else:
-            model = Model(model, device=device or "cpu", device_id=device_id,
-                          intra_op_threads=intra_op_threads, session_options=session_options)
+        model = shared_model(model, device, device_id=device_id, intra_op_threads=intra_op_threads,
+                             session_options=session_options)
         m = model.manifest
         self.model, self.manifest = model, m
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise InvalidInputError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if max_seq_len is None:
-            max_seq_len = m.max_positions
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, (int, np.integer)) or max_seq_len < 1:
-            raise InvalidInputError(f"max_seq_len must be an int >= 1, got {max_seq_len!r}")
-        if max_seq_len > m.max_positions:
-            raise InvalidInputError(
-                f"max_seq_len={max_seq_len} exceeds the model's position limit max_positions={m.max_positions} "
-                f"({m.source}); use max_seq_len <= {m.max_positions}")
-        self.batch_size, self.capacity = int(batch_size), int(max_seq_len)
+        self.batch_size = int_arg("batch_size", batch_size)
+        self.capacity = max_seq_len_arg(max_seq_len, m)
         self.cache = make_cache(m, self.batch_size, self.capacity, model.device, model.device_id)
         # The bound runs of this graph kind: every call only writes ids/positions into their buffers.
         if m.tokens == "packed":
@@ -88,17 +76,11 @@ class KVCacheInferencer:
         """Keeps the first `length` tokens of every row; the next forward() writes from there.
         O(1) for the in-place layout, O(length) for the growing one. Nothing is reallocated."""
         with self._enter("truncate"):
-            ok = isinstance(length, (int, np.integer)) and not isinstance(length, bool)
-            if not ok or not 0 <= length <= self.position:
-                raise InvalidInputError(f"truncate(length) needs an int in [0, position={self.position}], "
-                                        f"got {length!r}")
-            self.cache.truncate(int(length))
+            self.cache.truncate(int_arg("truncate(length)", length, 0, self.position, f" (position={self.position})"))
 
     def rewind(self, n: int) -> None:
         """Drops the last `n` tokens of every row (truncate(position - n))."""
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= self.position:
-            raise InvalidInputError(f"rewind(n) needs an int in [0, position={self.position}], got {n!r}")
-        self.truncate(self.position - int(n))
+        self.truncate(self.position - int_arg("rewind(n)", n, 0, self.position, f" (position={self.position})"))
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
@@ -124,12 +106,9 @@ class KVCacheInferencer:
         tok, prompt = encode_prompt(self.model, prompt)
         ids, _ = self._check_ids(prompt)
         stop = check_request(max_new_tokens, stop_ids, self.manifest.vocab_size)
-        need = self.position + ids.shape[1] + max_new_tokens - 1   # the last new token is not fed back
-        if need > self.capacity:
-            raise CapacityError(
-                f"{ids.shape[1]} prompt tokens + {max_new_tokens} new tokens at position {self.position} need "
-                f"{need} cache rows but the capacity is {self.capacity} (max_seq_len={self.capacity}); shorten "
-                "the prompt, lower max_new_tokens, or reset_cache()")
+        rows_fit(self.position + ids.shape[1] + max_new_tokens - 1,      # the last new token is not fed back
+                 self.capacity, f"{ids.shape[1]} prompt tokens + {max_new_tokens} new tokens at position {self.position}",
+                 f"this inferencer (max_seq_len={self.capacity})", "shorten the prompt, lower max_new_tokens, or reset_cache()")
         step = self.next_tokens if sampler.greedy else (lambda x: sampler(self.forward(x)))
         it = decode(step, ids[0], max_new_tokens, stop)
         return stream_text(tok, it) if tok is not None else it
@@ -154,9 +133,8 @@ class KVCacheInferencer:
             B = self.batch_size
             dst = [r for r in range(B) if r != src] if dst is None else list(dst)
             rows = [src, *dst]
-            if any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= r < B for r in rows):
-                raise InvalidInputError(f"fork(src, dst) takes batch rows in [0, {B}), got src={src!r}, dst={dst!r}")
-            self.cache.copy(int(src), [int(r) for r in dst if r != src], self.position)
+            src, *dst = [int_arg(f"fork(src={src!r}, dst={dst!r}): a batch row", r, 0, B - 1) for r in rows]
+            self.cache.copy(src, [r for r in dst if r != src], self.position)
 
     def _enter(self, what: str):
         if not self._busy.acquire(blocking=False):
@@ -201,46 +179,19 @@ class KVCacheInferencer:
 
     def _check_ids(self, token_ids) -> tuple[np.ndarray, bool]:
         """Validates without touching any state; returns ([batch_size, n] ids, squeeze flag)."""
-        try:
-            a = token_ids if isinstance(token_ids, np.ndarray) else np.asarray(token_ids)
-        except (ValueError, TypeError, OverflowError) as e:
-            raise InvalidInputError(f"token_ids must be a 1-D sequence or a [batch_size, n] array of ints; "
-                                    f"could not read {type(token_ids).__name__}: {e}") from None
-        if a.dtype.kind not in "iu":
-            what = "empty input" if a.size == 0 else f"dtype {a.dtype}"
-            raise InvalidInputError(
-                f"token_ids must be integers (expected an int array or a list of ints), got {what}; "
-                "ids are never converted silently: cast them yourself if that is what you mean"
-                if a.size else "token_ids is empty: pass at least one token id")
+        a = token_ids_arg(token_ids, self.manifest.vocab_size)
         B = self.batch_size
-        if a.ndim == 1:
-            if B != 1:
-                raise InvalidInputError(f"got a 1-D sequence but batch_size={B}; pass a [{B}, n] array")
-            a, squeeze = a[None, :], True
-        elif a.ndim == 2:
-            if a.shape[0] != B:
-                raise InvalidInputError(f"got {a.shape[0]} rows but batch_size={B}; pass a [{B}, n] array")
-            squeeze = False
-        else:
-            raise InvalidInputError(f"token_ids must be 1-D or 2-D [batch_size, n], got shape {a.shape}")
-        n = a.shape[1]
-        if n == 0:
-            raise InvalidInputError("token_ids is empty: pass at least one token id per row")
-        if self.cache.offset + n > self.capacity:
-            raise CapacityError(
-                f"{n} token(s) at position {self.cache.offset} would exceed the cache capacity of {self.capacity} "
-                f"tokens (max_seq_len={self.capacity}); call reset_cache() or construct with a larger "
-                f"max_seq_len (model limit {self.manifest.max_positions})")
-        if a.size <= 64:                    # a decode step: builtins beat two numpy reductions here
-            vals = a.ravel().tolist()
-            lo, hi = min(vals), max(vals)
-        else:
-            lo, hi = int(a.min()), int(a.max())
-        V = self.manifest.vocab_size
-        if lo < 0 or hi >= V:
-            bad = lo if lo < 0 else hi
-            raise InvalidInputError(f"token id {bad} is outside the vocabulary [0, {V})")
-        return a, squeeze
+        if a.ndim == 1 and B != 1:
+            raise InvalidInputError(f"got a 1-D sequence but batch_size={B}; pass a [{B}, n] array")
+        if a.ndim == 2 and a.shape[0] != B:
+            raise InvalidInputError(f"got {a.shape[0]} rows but batch_size={B}; pass a [{B}, n] array")
+        if a.ndim not in (1, 2) or a.shape[-1] == 0:
+            raise InvalidInputError(f"token_ids must be 1-D or 2-D [batch_size, n] with n >= 1, got shape {a.shape}")
+        n = a.shape[-1]
+        rows_fit(self.cache.offset + n, self.capacity, f"{n} token(s) at position {self.cache.offset}",
+                 f"this inferencer (max_seq_len={self.capacity})", "call reset_cache(), or construct with a larger "
+                 f"max_seq_len (model limit {self.manifest.max_positions})")
+        return (a[None, :], True) if a.ndim == 1 else (a, False)
 
     # -- reporting -------------------------------------------------------------------------------
     @property

@@ -93,7 +93,7 @@ class Env:
         rows = [np.concatenate([a.ravel() for kv in e.cache.read(int(n), [s]) for a in kv])
                 for s, n in enumerate(lengths)]
         seqs = [(s.id, s.slot, s.tokens) for s in e.live]
-        index = {r: t.tolist() for r, t in e.index.entries.items()}
+        index = {r: t.tolist() for r, t in e.prefix_cache.index.entries.items()}
         return lengths.tolist(), rows, seqs, index, dict(e.stats), (self.tree.tokens, tuple(self.tree.state.parents))
 
     def engine_fill(self):
@@ -161,7 +161,7 @@ ENGINE_CASES = [
     Case("engine: id == vocab size", S([1000]), InvalidInputError, "outside the vocabulary"),
     Case("engine: negative id", S([3, -1]), InvalidInputError, "outside the vocabulary"),
     Case("engine: float ids", S(np.array([1.0])), InvalidInputError, "must be integers"),
-    Case("engine: empty ids", S([]), InvalidInputError, "non-empty"),
+    Case("engine: empty ids", S([]), InvalidInputError, "is empty: pass at least one token id"),
     Case("engine: 2-D ids", S(np.zeros((1, 2), np.int64)), InvalidInputError, "1-D"),
     Case("engine: string ids", S("ab"), InvalidInputError, "must be"),
     Case("engine: step past max_seq_len", S(np.arange(26)), CapacityError, "max_seq_len=32"),
@@ -179,7 +179,7 @@ ENGINE_CASES = [
     Case("engine: fork(seq, node) of a plain sequence", E(lambda e, env: e.fork(env.a, node=0)), InvalidInputError,
          "takes a TreeSequence"),
     Case("engine: fork(tree, node) past the nodes", E(lambda e, env: e.fork(env.tree, node=6)), InvalidInputError,
-         r"\[0, 6\)"),
+         r"in \[0, 5\] \(the tree has 6 nodes\)"),
     # slots
     Case("engine: new_sequence() with every slot live", lambda env: env.engine_fill()[0].new_sequence(),
          CapacityError, "all 2 slots hold live sequences"),
@@ -246,7 +246,7 @@ CASES = [
          "got 2 rows"),
     Case("4 rows at batch_size 3", lambda env: env.batch3.forward(np.zeros((4, 1), np.int64)), InvalidInputError,
          "got 4 rows"),
-    Case("chunk past max_seq_len", F(np.arange(26)), CapacityError, r"capacity of 32 tokens \(max_seq_len=32\)"),
+    Case("chunk past max_seq_len", F(np.arange(26)), CapacityError, r"33 cache rows needed but this inferencer \(max_seq_len=32\) holds at most 32"),
     Case("one token past a full cache", lambda env: env.full_then_one(), CapacityError, "max_seq_len=2"),
     # cache control
     Case("truncate(-1)", lambda env: env.inf.truncate(-1), InvalidInputError, r"truncate\(length\)"),
@@ -330,7 +330,7 @@ def main() -> None:  # pragma: no cover - renders the README table
         d = export_gpt2(make_hf("tiny-a"), Path(tmp) / "m", source={}, log=lambda s: None)
         (Path(tmp) / "scratch").mkdir()
         env = Env(d, Path(tmp) / "scratch")
-        print(f"| # | bad input | raises | message (start) |\n|---|---|---|---|")
+        print("| # | bad input | raises | message (start) |\n|---|---|---|---|")
         for i, case in enumerate(CASES, 1):
             if case.needs_no_cuda and HAS_CUDA:
                 continue

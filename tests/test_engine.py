@@ -215,11 +215,11 @@ def test_memory_profile_fields(path, rng):
     eng.release(b)
     p = eng.memory_profile()
     per = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4
-    assert p.bytes_per_token == per and p.rows_per_block == 64 and p.total_bytes == per * 64 * 4
+    assert p.bytes_per_token == per and p.rows_per_slot == 64 and p.total_bytes == per * 64 * 4
     assert (p.used_bytes, p.retained_bytes, p.total_tokens, p.retained_tokens) == (10 * per, 4 * per, 10, 4)
-    assert (p.physical_blocks, p.logical_blocks, p.active_sequences) == (4, 2, 1)
+    assert (p.slots, p.occupied_slots, p.active_sequences) == (4, 2, 1)
     assert p.fragmentation_ratio == pytest.approx(1 - 14 / 128) and p.efficiency_ratio == pytest.approx(14 / 256)
-    assert p.free_bytes == p.total_bytes - 14 * per and p.page_table_bytes > 0 and p.allocator_bytes > 0
+    assert p.free_bytes == p.total_bytes - 14 * per and p.index_bytes > 0 and p.io_buffer_bytes > 0
     assert "prefix cache" in p.report()
 
 

@@ -120,7 +120,7 @@ def test_generation_requests_are_validated_before_anything_runs(exported):
         (dict(prompt=[1], max_new_tokens=5, seed=-3), InvalidInputError, "seed"),
         (dict(prompt=[1], max_new_tokens=5, stop_ids=[5000]), InvalidInputError, "stop_ids"),
         (dict(prompt=[1.5], max_new_tokens=5), InvalidInputError, "integers"),
-        (dict(prompt=[1] * 10, max_new_tokens=10), CapacityError, "need 22 cache rows but the capacity is 20"),
+        (dict(prompt=[1] * 10, max_new_tokens=10), CapacityError, "22 cache rows needed but this inferencer \\(max_seq_len=20\\) holds at most 20"),
         (dict(prompt="text", max_new_tokens=5), InvalidInputError, "tokenizer.json"),
     ]:
         with pytest.raises(exc, match=msg):

@@ -103,7 +103,6 @@ DOCS = sorted(p.name for p in (ROOT / "docs").glob("*.md") if python_blocks(p.re
 @pytest.mark.parametrize("doc", DOCS)
 def test_docs_python_blocks_run_as_written(doc, capsys):
     path = ROOT / "docs" / doc
-    blocks = python_blocks(path.read_text())
     out, expected = run_blocks(path, capsys)
     assert expected >= 1, f"docs/{doc}: no `print(...)  # -> EXPECTED` line checks what its blocks print"
 

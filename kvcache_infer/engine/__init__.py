@@ -3,7 +3,7 @@
 Imports go one way: engine -> runtime, never back.
 """
 from .engine import Engine, StepOutput
-from .scheduler import Request
+from .requests import Request
 from .sequence import Nodes, Sequence, TreeSequence
 
 __all__ = ["Engine", "StepOutput", "Request", "Nodes", "Sequence", "TreeSequence"]

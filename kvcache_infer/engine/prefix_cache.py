@@ -1,6 +1,12 @@
-"""A radix tree over the token sequences that cache rows hold, for prefix reuse at token granularity.
+"""Prefix reuse at token granularity: which cache slots hold which tokens, and what a new sequence adopts.
 
-Each entry is (row, tokens): cache row `row` holds the K/V of `tokens[0:n]` at rows 0..n-1. The tree
+PrefixCache is the one object that owns the policy: match (the longest indexed prefix of a prompt),
+insert (a live sequence's prompt, indexed as it is fed), retain (a released sequence keeps its slot,
+least recently used first), evict (a retained slot is claimed for a new sequence), and take over (a
+new sequence whose prefix is exactly a retained slot's tokens moves into that slot instead of copying).
+The Engine asks it for an Adoption before a run and commits it after the run succeeded.
+
+RadixIndex is its index: a radix tree over the token sequences that cache rows hold. Each entry is (row, tokens): cache row `row` holds the K/V of `tokens[0:n]` at rows 0..n-1. The tree
 stores every entry's tokens along a path of edges (int32 arrays) split where entries diverge, and
 each node records which rows pass through it. match(tokens) walks the path as far as it agrees and
 returns a row holding that prefix and its length, so any shared prefix is found, however it is cut
@@ -10,8 +16,12 @@ match names one row to copy from or to take over).
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
+
+from ..runtime.cache import KVCache
 
 
 class _Node:
@@ -23,7 +33,7 @@ class _Node:
         self.rows: set[int] = set()               # rows whose tokens pass through the whole edge
 
 
-def _common(a: np.ndarray, b: np.ndarray) -> int:
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the common prefix of two 1-D arrays."""
     k = min(a.size, b.size)
     if k == 0:
@@ -57,7 +67,7 @@ class RadixIndex:
                 node.children[int(rest[0])] = child
                 self.nodes += 1
             else:
-                k = _common(child.edge, rest)
+                k = common_prefix(child.edge, rest)
                 if k < child.edge.size:               # split child at k: a new node for the shared part
                     mid = _Node(child.edge[:k].copy())
                     mid.rows = set(child.rows)
@@ -98,7 +108,7 @@ class RadixIndex:
             child = node.children.get(int(toks[depth]))
             if child is None:
                 break
-            k = _common(child.edge, toks[depth:])
+            k = common_prefix(child.edge, toks[depth:])
             depth += k
             exact = [r for r in child.rows if self.entries[r].size == depth]
             best = (exact[0] if exact else min(child.rows), depth)
@@ -118,3 +128,96 @@ class RadixIndex:
             total += sys.getsizeof(n) + sys.getsizeof(n.edge) + sys.getsizeof(n.children) + sys.getsizeof(n.rows)
             stack.extend(n.children.values())
         return total
+
+
+class Adoption(NamedTuple):
+    """What a sequence at position 0 adopts before its first run."""
+    row: int                 # the slot its run writes: its own, or the retained slot it takes over
+    tokens: int              # tokens adopted (0: none; the run computes everything)
+    source: int | None       # the slot they come from
+    takeover: bool           # moves into `source` (a retained slot holding exactly those tokens)
+
+
+class PrefixCache:
+    """The slots' token index, the retained (released) slots in LRU order, and the adoption policy.
+
+    cache: the KVCache whose rows it copies for an adoption that does not take a slot over.
+    enabled: False keeps nothing: release() frees a slot at once and nothing is ever adopted."""
+
+    def __init__(self, cache: KVCache, enabled: bool):
+        self.cache, self.enabled = cache, bool(enabled)
+        self.index = RadixIndex()                                # live prompts and retained sequences
+        self._retained: OrderedDict[int, None] = OrderedDict()   # least recently used first
+        self.stats = {"prefix_hits": 0, "prefix_tokens_reused": 0, "evictions": 0}
+
+    @property
+    def retained(self) -> list[int]:
+        """Retained slots, least recently used first."""
+        return list(self._retained)
+
+    def lru(self, exclude: int | None = None) -> int | None:
+        """The least recently used retained slot (not `exclude`), or None."""
+        return next((s for s in self._retained if s != exclude), None)
+
+    def match_length(self, tokens: np.ndarray, keep_last: bool = True) -> int:
+        """Leading tokens a new sequence would adopt (keep_last: at most len - 1, so that the last one
+        still runs and gives logits)."""
+        if not self.enabled or tokens.size < 1 + keep_last:
+            return 0
+        return self.index.match(tokens[:-1] if keep_last else tokens)[1]
+
+    def plan(self, slot: int, tokens: np.ndarray, keep_last: bool = True, taken: set | None = None) -> Adoption:
+        """The Adoption of an empty sequence in `slot` starting with `tokens`. Copies the adopted rows into
+        `slot` when it does not take over (rows past its length 0: invisible until committed). A retained
+        slot in `taken` (taken over by another sequence of the same step) is copied from instead."""
+        n = self.match_length(tokens, keep_last)
+        if n == 0:
+            return Adoption(slot, 0, None, False)
+        src, _ = self.index.match(tokens[:-1] if keep_last else tokens)
+        takeover = src in self._retained and self.index.entries[src].size == n and src not in (taken or ())
+        if takeover and taken is not None:
+            taken.add(src)
+        if not takeover:
+            self.cache.copy(src, [slot], n)
+        return Adoption(src if takeover else slot, n, src, takeover)
+
+    def commit(self, a: Adoption) -> None:
+        """After the run succeeded: a taken-over slot stops being retained (its new owner re-indexes it)."""
+        if a.takeover:
+            del self._retained[a.source]
+            self.index.remove(a.source)
+        self.stats["prefix_hits"] += 1
+        self.stats["prefix_tokens_reused"] += a.tokens
+
+    def insert(self, slot: int, tokens) -> None:
+        """Indexes what a live slot holds (a prompt as it is fed)."""
+        if self.enabled:
+            self.index.set(slot, tokens)
+
+    def retain(self, slot: int, tokens) -> bool:
+        """A released slot: kept and indexed for reuse (True), or forgotten when disabled or empty."""
+        if not self.enabled or not len(tokens):
+            self.forget(slot)
+            return False
+        self.index.set(slot, tokens)
+        self._retained[slot] = None
+        return True
+
+    def evict(self, slot: int) -> None:
+        """`slot` is claimed for a new sequence: forget what it held (retained or not)."""
+        if slot in self._retained:
+            del self._retained[slot]
+            self.stats["evictions"] += 1
+        self.forget(slot)
+
+    def forget(self, slot: int) -> None:
+        self.index.remove(slot)
+
+    def truncate(self, slot: int, length: int, tokens) -> None:
+        """A live slot keeps only its first `length` tokens."""
+        if slot in self.index.entries:
+            self.index.set(slot, tokens[:min(length, self.index.entries[slot].size)])
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.nbytes

@@ -6,6 +6,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import InvalidInputError
+from .checks import int_arg, number_arg
 
 
 class Sampler:
@@ -15,15 +16,11 @@ class Sampler:
 
     def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, vocab: int | None = None):
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise InvalidInputError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
-            raise InvalidInputError(f"top_k must be an int >= 1 or None, got {top_k!r}")
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-            raise InvalidInputError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise InvalidInputError(f"seed must be an int >= 0 or None, got {seed!r}")
-        self.temperature, self.top_p = float(temperature), top_p
+        temperature = number_arg("temperature (0: greedy)", temperature, 0)
+        top_k = None if top_k is None else int_arg("top_k", top_k, hint=" or None")
+        top_p = None if top_p is None else number_arg("top_p", top_p, 0, 1, open_low=True)
+        seed = None if seed is None else int_arg("seed", seed, 0, hint=" or None")
+        self.temperature, self.top_p = temperature, top_p
         self.top_k = None if top_k is None or (vocab and top_k >= vocab) else int(top_k)
         self.rng = np.random.default_rng(seed)
 
@@ -47,8 +44,7 @@ class Sampler:
 
 def check_request(max_new_tokens, stop_ids, vocab: int) -> frozenset:
     """Validates a generation request's length and stop ids before anything runs; returns the stop set."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise InvalidInputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    int_arg("max_new_tokens", max_new_tokens)
     try:
         stop = frozenset(int(s) for s in (stop_ids or ()))
     except (TypeError, ValueError):

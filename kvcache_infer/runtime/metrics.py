@@ -115,22 +115,22 @@ class MemoryProfile:
 
 @dataclasses.dataclass(frozen=True)
 class EngineMemoryProfile:
-    """An Engine's cache memory, with the seed design's MemoryProfile fields, each defined exactly.
+    """An Engine's cache memory, each field defined exactly.
 
-    A block is a slot: one sequence's rows of every layer's K and V (rows_per_block token rows,
-    max_chunk - 1 of them padding room). Physical blocks are allocated once; logical blocks are the
-    slots holding a live or retained sequence."""
+    A slot is one sequence's rows of every layer's K and V (rows_per_slot token rows, max_chunk - 1 of
+    them padding room); all slots are allocated once, and a slot is occupied while it holds a live or
+    retained sequence."""
 
     device: str
     dtype: str
     total_bytes: int                # allocated K/V bytes, all slots and layers
     used_bytes: int                 # rows holding live sequences' tokens
     retained_bytes: int             # rows holding released sequences kept for prefix reuse
-    physical_blocks: int            # slots (max_sequences)
-    logical_blocks: int             # slots holding a live or retained sequence
-    rows_per_block: int             # token rows per slot (max_seq_len + max_chunk - 1)
-    page_table_bytes: int           # slot table and prefix index (radix tree), host memory
-    allocator_bytes: int            # preallocated per-run input/output buffers
+    slots: int                      # max_sequences
+    occupied_slots: int             # slots holding a live or retained sequence
+    rows_per_slot: int              # token rows per slot (max_seq_len + max_chunk - 1)
+    index_bytes: int                # slot table and prefix index (radix tree), host memory
+    io_buffer_bytes: int            # preallocated per-run input/output buffers
     active_sequences: int
     total_tokens: int               # tokens held by live sequences
     retained_sequences: int
@@ -147,7 +147,7 @@ class EngineMemoryProfile:
     @property
     def fragmentation_ratio(self) -> float:
         """Allocated-but-unused rows of occupied slots / allocated rows of occupied slots (0: none occupied)."""
-        rows = self.logical_blocks * self.rows_per_block
+        rows = self.occupied_slots * self.rows_per_slot
         return 1.0 - (self.total_tokens + self.retained_tokens) / rows if rows else 0.0
 
     @property
@@ -159,18 +159,18 @@ class EngineMemoryProfile:
         mib = 1024 * 1024
         return "\n".join([
             f"Engine KV cache memory ({self.dtype}, {self.device})",
-            f"  total            : {self.total_bytes / mib:10.2f} MiB  ({self.physical_blocks} slots x "
-            f"{self.rows_per_block} rows x {self.bytes_per_token} bytes/token)",
+            f"  total            : {self.total_bytes / mib:10.2f} MiB  ({self.slots} slots x "
+            f"{self.rows_per_slot} rows x {self.bytes_per_token} bytes/token)",
             f"  used (live)      : {self.used_bytes / mib:10.2f} MiB  ({self.total_tokens} tokens, "
             f"{self.active_sequences} sequences)",
             f"  retained         : {self.retained_bytes / mib:10.2f} MiB  ({self.retained_tokens} tokens, "
             f"{self.retained_sequences} sequences kept for prefix reuse)",
             f"  free             : {self.free_bytes / mib:10.2f} MiB",
-            f"  blocks (slots)   : {self.logical_blocks} of {self.physical_blocks} in use",
+            f"  slots            : {self.occupied_slots} of {self.slots} occupied",
             f"  fragmentation    : {100 * self.fragmentation_ratio:.1f}% of occupied slots' rows unused",
             f"  efficiency       : {100 * self.efficiency_ratio:.1f}% of allocated bytes hold tokens",
-            f"  page table       : {self.page_table_bytes / 1024:10.1f} KiB (slot table + prefix index)",
-            f"  I/O buffers      : {self.allocator_bytes / mib:10.2f} MiB",
+            f"  slot index       : {self.index_bytes / 1024:10.1f} KiB (slot table + prefix index)",
+            f"  I/O buffers      : {self.io_buffer_bytes / mib:10.2f} MiB",
             f"  prefix cache     : {self.prefix_hits} hits, {self.prefix_tokens_reused} tokens reused, "
             f"{self.evictions} evictions",
         ])

@@ -10,6 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from ..errors import DeviceError, InvalidInputError, ModelFormatError, ModelNotFoundError
+from .checks import int_arg
 from .manifest import Manifest, load_manifest, manifest_from_graph
 from .pick_probe import PickPath, check_greedy_pick
 
@@ -75,8 +76,7 @@ class Model:
                  intra_op_threads: int | None = None, session_options: ort.SessionOptions | None = None):
         if device not in DEVICES:
             raise DeviceError(f"unknown device {device!r}; expected one of {DEVICES}")
-        if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
-            raise DeviceError(f"device_id must be a non-negative int, got {device_id!r}")
+        device_id = int_arg("device_id", device_id, 0, error=DeviceError)
         self.dir, self.file = _resolve(path)
         manifest = load_manifest(self.dir)
         if device == "cuda" and manifest and manifest.attention == "GroupQueryAttention" and manifest.dtype == "float32":
@@ -95,9 +95,7 @@ class Model:
 
         so = session_options or ort.SessionOptions()
         if intra_op_threads is not None:
-            if isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) or intra_op_threads < 1:
-                raise InvalidInputError(f"intra_op_threads must be an int >= 1, got {intra_op_threads!r}")
-            so.intra_op_num_threads = intra_op_threads
+            so.intra_op_num_threads = int_arg("intra_op_threads", intra_op_threads)
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -152,3 +150,14 @@ class Model:
         m = self.manifest
         return (f"Model({str(self.file)!r}, device={self.device!r}, layers={m.num_layers}, heads={m.num_heads}, "
                 f"head_dim={m.head_dim}, vocab={m.vocab_size}, layout={m.layout!r}, dtype={m.dtype!r})")
+
+
+def shared_model(model: Model | str | Path, device: str | None, **load) -> Model:
+    """`model` itself when it is a Model (it must be loaded for `device`, when one is named), else a Model
+    loaded from the path with `load` (device_id, intra_op_threads, session_options)."""
+    if not isinstance(model, Model):
+        return Model(model, device=device or "cpu", **load)
+    if device is not None and device != model.device:
+        raise InvalidInputError(f"device={device!r} but the Model was loaded for {model.device!r}; "
+                                "load the Model with the device you want")
+    return model

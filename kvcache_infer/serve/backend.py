@@ -116,7 +116,7 @@ def engine_snapshot(engine: Engine) -> dict[str, float]:
     p = engine.memory_profile()
     started = engine.stats["sequences"]
     values = (engine.waiting_requests, engine.running_requests, p.total_bytes, p.used_bytes, p.retained_bytes,
-              p.logical_blocks / p.physical_blocks, p.fragmentation_ratio, p.prefix_hits, p.prefix_tokens_reused,
+              p.occupied_slots / p.slots, p.fragmentation_ratio, p.prefix_hits, p.prefix_tokens_reused,
               started, p.prefix_hits / started if started else 0.0, p.evictions)
     return {name: float(v) for (name, _, _), v in zip(ENGINE_METRICS, values)}
 
