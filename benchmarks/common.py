@@ -65,3 +65,18 @@ def pyplot():
               file=sys.stderr)
         return None
     return plt
+
+
+class Clock:
+    """Seconds since construction; a workload's arrival times are on this clock."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def wait_until(self, t: float) -> None:
+        d = t - self.now()
+        if d > 0:
+            time.sleep(d)

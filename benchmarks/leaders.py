@@ -333,7 +333,7 @@ def publish(record: dict, out: Path) -> None:
         print(f"wrote {p}")
     print(f"wrote {out.with_suffix('.md')}")
     if out.resolve().parent == (REPO / "benchmarks" / "results").resolve():
-        from .report import render_docs
+        from .doc_tables import render_docs
         for path in render_docs():
             print(f"updated the generated tables in {path}")
 

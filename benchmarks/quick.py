@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cpu_peers import LLAMA_BIN, SHORT, workload_requests
+from .peer_workloads import LLAMA_BIN, SHORT, workload_requests
 from .isolate import Case, emit, out_dir, run_worker
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from benchmarks import report
+from benchmarks import doc_tables as report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,15 +2,15 @@
 
 import numpy as np
 
-from benchmarks import cpu_peers, quick
+from benchmarks import peer_workloads, quick
 from benchmarks.serving import workload
 
 
 def test_short_serving_requests_are_benchmarks_serving_workload():
-    w = cpu_peers.SHORT["serving"]
+    w = peer_workloads.SHORT["serving"]
     ours = workload(w["n"], 50257, w["seed"], "all", 1.0, w["prompt"], w["out"])
-    peers = cpu_peers.workload_requests("serving", cpu_peers.SHORT, 50257)
-    assert len(peers) == w["n"] < cpu_peers.SIZES["gpt2"]["serving"]["n"]
+    peers = peer_workloads.workload_requests("serving", peer_workloads.SHORT, 50257)
+    assert len(peers) == w["n"] < peer_workloads.SIZES["gpt2"]["serving"]["n"]
     for a, b in zip(ours, peers):
         assert a["out"] == b["out"] and np.array_equal(a["prompt"], b["prompt"])
 
