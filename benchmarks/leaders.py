@@ -59,7 +59,7 @@ def export_dir(root: Path, name: str) -> Path:
 
 def ensure_exports(names, root: Path) -> None:
     """Makes the missing exports; refuses ones of another graph revision (their timings are not this version's)."""
-    from export.gpt2 import GRAPH_REVISION
+    from export.skeleton import GRAPH_REVISION
     for name in names:
         out = export_dir(root, name)
         args = ["--config", "gpt2", "--seed", "0", "--out", str(out), *OURS[name][0]]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.gpt2 import GRAPH_REVISION
+from export.skeleton import GRAPH_REVISION
 
 from .common import environment, summarize
 from kvcache_infer.runtime.runs import MAX_PICK_ROWS

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--parity-rtol must be > 0, got {args.parity_rtol}")
 
     from .parity import ParityError
-    from .pipeline import OutputFolderError, check_out, export_gpt2
+    from .pipeline import OutputFolderError, check_out, export_model
     from .source import load_reference, load_source
 
     try:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             hf, desc, tok_dir = load_source(model=args.model, config=args.config, seed=args.seed)
         # a checkpoint is checked against itself as its own class loads it, not against `hf`
         reference = load_reference(args.model) if args.model else None
-        export_gpt2(hf, args.out, source=desc, tokenizer_dir=tok_dir, dtype=args.dtype, parity_rtol=args.parity_rtol,
+        export_model(hf, args.out, source=desc, tokenizer_dir=tok_dir, dtype=args.dtype, parity_rtol=args.parity_rtol,
                     weights=args.weights, block_size=args.block_size, symmetric=not args.asymmetric,
                     greedy_head=args.greedy_head, force=args.force, reference=reference, kv_cache=args.kv_cache,
                     log=lambda s: print(s, flush=True))

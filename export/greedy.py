@@ -83,13 +83,19 @@ def pick_record(W: np.ndarray) -> dict:
 
 
 def greedy_head(g: GraphBuilder, x: str, head_rows: str, W: np.ndarray, out: str, probe: str, probe_scores: str,
-                name: str = "greedy") -> str:
+                name: str = "greedy", opset: int = 17) -> str:
     """Adds the filtered exact argmax of x [G,E] fp32 against the initializer `head_rows` [V,E] (values
     W) and returns `out`, [G] int64: -1 for a row with a NaN or infinite activation. G may be 0.
 
     The graph input `probe` [P,E] goes through the same int8 node as x, and its scores come out as
     `probe_scores` [P,V] (P = 0 in every run but the load-time check of the kernel,
-    kvcache_infer/runtime/pick_probe.py)."""
+    kvcache_infer/runtime/pick_probe.py). opset: the graph's default-domain opset (ReduceMax takes its
+    axes as an input from 18 on)."""
+    def reduce_max(t: str, axis: int, node: str, keepdims: int) -> str:
+        if opset >= 18:
+            return g.node("ReduceMax", [t, g.const_i64(f"{node}/axes", [axis])], name=node, keepdims=keepdims)[0]
+        return g.node("ReduceMax", [t], name=node, axes=[axis], keepdims=keepdims)[0]
+
     V, E = W.shape
     blk = block_for(E)
     nb = E // blk
@@ -106,12 +112,12 @@ def greedy_head(g: GraphBuilder, x: str, head_rows: str, W: np.ndarray, out: str
     (ax,) = g.node("Abs", [x], name=f"{name}/abs")
     (axb,) = g.node("Reshape", [ax, g.const_i64(f"{name}/blocks", [0, nb, blk])], name=f"{name}/blocks")  # [G,nb,blk]
     (l1,) = g.node("ReduceSum", [axb, g.const_i64(f"{name}/axis2", [2])], name=f"{name}/l1", keepdims=0)  # [G,nb]
-    (amax,) = g.node("ReduceMax", [axb], name=f"{name}/amax", axes=[2], keepdims=0)          # [G,nb]
+    amax = reduce_max(axb, 2, f"{name}/amax", 0)                                             # [G,nb]
     (feats,) = g.node("Concat", [l1, amax], name=f"{name}/feats", axis=1)                    # [G,2nb]
     (bound,) = g.node("MatMul", [feats, g.weight(f"{name}/bound_table", table)], name=f"{name}/bound")  # [G,V]
     (lo,) = g.node("Sub", [approx, bound], name=f"{name}/lo")
     (hi,) = g.node("Add", [approx, bound], name=f"{name}/hi")
-    (best_lo,) = g.node("ReduceMax", [lo], name=f"{name}/best_lo", axes=[1], keepdims=1)    # [G,1]
+    best_lo = reduce_max(lo, 1, f"{name}/best_lo", 1)                                        # [G,1]
     (mask,) = g.node("GreaterOrEqual", [hi, best_lo], name=f"{name}/candidates")             # [G,V]
     (nz,) = g.node("NonZero", [mask], name=f"{name}/nonzero")                                # [2,N]
     (row,) = g.node("Gather", [nz, g.const_i64(f"{name}/zero", 0)], name=f"{name}/row", axis=0)     # [N]

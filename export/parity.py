@@ -1,6 +1,8 @@
 """The exported model against its PyTorch reference: a batched prompt, then single-token steps."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -24,8 +26,10 @@ def check_parity(hf_model, model_dir, *, prompt_len: int = 8, steps: int = 8, ba
 
     from kvcache_infer import KVCacheInferencer
 
+    from kvcache_infer.runtime.manifest import load_manifest
+
     cfg = hf_model.config
-    total = min(prompt_len + steps, cfg.n_positions)
+    total = min(prompt_len + steps, load_manifest(Path(model_dir)).max_positions)
     prompt_len = min(prompt_len, total - 1)
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, cfg.vocab_size, size=(batch, total), dtype=np.int64)

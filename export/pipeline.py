@@ -11,9 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-from .gpt2 import GRAPH_REVISION, build_gpt2_graph
+from .families import family_for
 from .greedy import wanted
 from .parity import check_parity
+from .skeleton import GRAPH_REVISION
 from .source import TOKENIZER_FILES
 
 
@@ -87,11 +88,12 @@ def _publish(work: Path, out: Path) -> None:
     work.rmdir()
 
 
-def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: Path | None = None,
+def export_model(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: Path | None = None,
                 dtype: str = "float32", parity_rtol: float = 1e-4, weights: str | None = None,
                 block_size: int = 128, symmetric: bool = True, greedy_head: str = "auto", force: bool = False,
                 reference=None, kv_cache: str = "float", log=print) -> Path:
-    """Writes OUT/model.onnx and OUT/manifest.json for a GPT2LMHeadModel.
+    """Writes OUT/model.onnx and OUT/manifest.json for a causal LM of a supported family (export/families/:
+GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM).
 
     OUT must be new, empty, a previous export of ours, or (force=True) any folder (check_out). Files
     are written to a fresh OUT.partial-* folder beside it and moved into OUT only after the parity
@@ -107,13 +109,16 @@ def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: P
         raise ValueError("--kv-cache int8 needs --dtype float32 (GroupQueryAttention's quantized cache takes float32 "
                          "activations on the CPU)")
     cfg = hf_model.config
-    greedy = wanted(greedy_head, dtype=dtype, quantized=bool(weights), hidden=cfg.n_embd, vocab=cfg.vocab_size)
+    family = family_for(getattr(cfg, "model_type", None), f"the model ({type(hf_model).__name__})")
+    family.check(cfg)
+    geo = family.geometry(cfg)
+    greedy = wanted(greedy_head, dtype=dtype, quantized=bool(weights), hidden=geo.hidden, vocab=geo.vocab)
     out = Path(out_dir)
     mode = check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
     try:
-        return _export(hf_model, out, work, mode, source=source, tokenizer_dir=tokenizer_dir, dtype=dtype,
+        return _export(hf_model, family, out, work, mode, source=source, tokenizer_dir=tokenizer_dir, dtype=dtype,
                        parity_rtol=parity_rtol, weights=weights, block_size=block_size, symmetric=symmetric,
                        greedy=greedy, reference=hf_model if reference is None else reference, kv_cache=kv_cache,
                        log=log)
@@ -122,7 +127,7 @@ def export_gpt2(hf_model, out_dir: str | Path, *, source: dict, tokenizer_dir: P
             shutil.rmtree(work)              # our own scratch folder: gone on any failure
 
 
-def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir, dtype, parity_rtol, weights,
+def _export(hf_model, family, out: Path, work: Path, mode: str, *, source, tokenizer_dir, dtype, parity_rtol, weights,
             block_size, symmetric, greedy, reference, kv_cache, log) -> Path:
     import onnx
 
@@ -131,23 +136,25 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
     from .greedy import pick_record
 
     cfg = hf_model.config
-    E, N, L = cfg.n_embd, cfg.n_head, cfg.n_layer
-    log(f"exporting GPT-2 ({L} layers, {N} heads, hidden {E}, vocab {cfg.vocab_size}, "
-        f"{cfg.n_positions} positions, {sum(p.numel() for p in hf_model.parameters()) / 1e6:.1f}M params)")
+    geo = family.geometry(cfg)
+    L, N, E = geo.layers, geo.heads, geo.hidden
+    kv_heads = f" ({geo.kv_heads} KV heads)" if geo.kv_heads != N else ""
+    log(f"exporting {family.label} ({L} layers, {N} heads{kv_heads} of {geo.head_dim}, hidden {E}, vocab {geo.vocab}, "
+        f"{geo.max_positions} positions, {sum(p.numel() for p in hf_model.parameters()) / 1e6:.1f}M params)")
     scales, kv_record = None, {"dtype": dtype}
     if kv_cache == "int8":
-        from .kv_calibration import MARGIN, calibration_ids, gpt2_kv_ranges, kv_scales
-        ids = calibration_ids(cfg.vocab_size, cfg.n_positions)
+        from .kv_calibration import MARGIN, calibration_ids, kv_scales
+        ids = calibration_ids(geo.vocab, geo.max_positions)
         with _step(f"calibrating the int8 KV cache's scales ({ids.shape[0]} x {ids.shape[1]} random tokens)", log):
-            scales = kv_scales(gpt2_kv_ranges(hf_model, ids))
+            scales = kv_scales(family.kv_ranges(hf_model, ids))
         kv_record = {"dtype": "int8", "scales": "static, per channel (head, head dim)", "margin": MARGIN,
                      "calibration": f"{ids.shape[0]} x {ids.shape[1]} uniform random token ids, seed 0"}
     with _step("building the graph", log):
         state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
-        pick = pick_record(state.get("lm_head.weight", state["transformer.wte.weight"])) if greedy else None
-        model, names = build_gpt2_graph(cfg, state, dtype=dtype, lm_head="matmul" if weights else "tied",
-                                        greedy_filter=greedy, gemms="int8-rows" if weights == "w8a8" else "float",
-                                        kv_scales=scales)
+        pick = pick_record(family.head_weight(state)) if greedy else None
+        model, names = family.build(cfg, state, dtype=dtype, lm_head="matmul" if weights else "tied",
+                                    greedy_filter=greedy, gemms="int8-rows" if weights == "w8a8" else "float",
+                                    kv_scales=scales)
         del state
     quant = None
     if weights == "w8a8":
@@ -168,8 +175,8 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
         onnx.save_model(model, str(path))
         del model
     manifest = Manifest(
-        num_layers=L, num_heads=N, num_kv_heads=N, head_dim=E // N, hidden_size=E, vocab_size=cfg.vocab_size,
-        max_positions=cfg.n_positions, dtype=dtype, logits_dtype="float32", layout="inplace",
+        num_layers=L, num_heads=N, num_kv_heads=geo.kv_heads, head_dim=geo.head_dim, hidden_size=E,
+        vocab_size=geo.vocab, max_positions=geo.max_positions, architecture=family.model_type, dtype=dtype, logits_dtype="float32", layout="inplace",
         input_ids=names["input_ids"],
         position_ids=names["position_ids"], attention_mask=None, logits=names["logits"], next_token=names["next_token"],
         past_key=tuple(names["past_key"]), past_value=tuple(names["past_value"]),
@@ -200,8 +207,7 @@ def _export(hf_model, out: Path, work: Path, mode: str, *, source, tokenizer_dir
     what = f"quality budget {budget}" if budget else "parity"
     with _step(f"{what} against {type(reference).__name__} (prompt + single-token steps, batch 2)", log):
         try:
-            parity = check_parity(reference, work, rtol=parity_rtol,
-                                  budget=budget)
+            parity = check_parity(reference, work, rtol=parity_rtol, budget=budget)
         except Exception:
             failed = Path(tempfile.mkdtemp(prefix=out.name + ".failed-", dir=out.parent))
             _publish(work, failed)

@@ -11,16 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-NAMED_CONFIGS = {
-    # name: GPT2Config overrides (defaults are GPT-2 small)
-    "gpt2": {},                                                                   # 124M
-    "gpt2-medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16},                 # 355M
-    "tiny": {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 1000, "n_positions": 256},
-}
+from .families import FAMILIES, Family, family_for
+
+# --config NAME -> (family, config options over its config class's defaults), from every family
+NAMED_CONFIGS: dict[str, tuple[Family, dict]] = {name: (f, options) for f in FAMILIES.values()
+                                                 for name, options in f.named_configs.items()}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
-# model_type -> what the exporter builds for it (one family today).
-SUPPORTED_MODEL_TYPES = ("gpt2",)
 # Keys a saved config carries that are not model options.
 _CONFIG_BOOKKEEPING = {"transformers_version", "model_type", "architectures", "_name_or_path", "torch_dtype", "dtype"}
 
@@ -39,11 +36,19 @@ def _short_list(items) -> str:
     return ", ".join(items[:3]) + (f", ... ({len(items)} in all)" if len(items) > 3 else "")
 
 
-def _check_model_type(model_type: str | None, what: str) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(
-            f"{what} has model_type {model_type!r}; this exporter builds {', '.join(SUPPORTED_MODEL_TYPES)} only, "
-            "so it is refused (nothing was written)")
+def _family(model_type: str | None, what: str) -> Family:
+    try:
+        return family_for(model_type, what)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _check_config(family: Family, config, what: str) -> None:
+    """The family's own check, as a one-line CheckpointError before anything is loaded or written."""
+    try:
+        family.check(config)
+    except ValueError as e:
+        raise CheckpointError(f"{what}: {e} (nothing was written)") from None
 
 
 def strict_load(model_class, where: str, option: str = "--model"):
@@ -81,24 +86,26 @@ def _checkpoint_location(model: str) -> str:
     if looks_local:
         path = Path(model).expanduser()
         if not path.is_dir():
-            raise CheckpointError(f"--model {model}: no such checkpoint folder (a Hugging Face GPT-2 folder with "
-                                  "config.json and weights, or a hub id where a hub is reachable)")
+            raise CheckpointError(f"--model {model}: no such checkpoint folder (a Hugging Face folder with "
+                                  f"config.json and weights of one of {', '.join(FAMILIES)}, or a hub id where a "
+                                  "hub is reachable)")
         return str(path)
     return model
 
 
 def load_checkpoint(model: str):
-    """(GPT2LMHeadModel, description, tokenizer dir or None) for a checkpoint folder or hub id, loaded
-    strictly (see strict_load) after its config's model_type is checked."""
-    from transformers import AutoConfig, GPT2LMHeadModel
+    """(the family's causal LM, description, tokenizer dir or None) for a checkpoint folder or hub id,
+    loaded strictly (see strict_load) after its config's model_type and options are checked."""
+    from transformers import AutoConfig
 
     where = _checkpoint_location(model)
     try:
         config = AutoConfig.from_pretrained(where)
     except Exception as e:   # no config.json, an unknown model_type, an unreachable hub
         raise CheckpointError(f"--model {model}: its config does not load: {_one_line(e)}") from None
-    _check_model_type(getattr(config, "model_type", None), f"--model {model}")
-    hf = strict_load(GPT2LMHeadModel, where)
+    family = _family(getattr(config, "model_type", None), f"--model {model}")
+    _check_config(family, config, f"--model {model}")
+    hf = strict_load(family.model_class(), where)
     tok_dir = Path(where) if Path(where).is_dir() else None
     return hf, {"kind": "checkpoint", "model": str(model)}, tok_dir
 
@@ -111,41 +118,46 @@ def load_reference(model: str):
 
 
 def _config_from_json(path: Path):
-    from transformers import GPT2Config
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"--config {path}: not a readable JSON file: {_one_line(e)}") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"--config {path}: expected a JSON object of GPT2Config options, got {type(data).__name__}")
-    _check_model_type(data.get("model_type", "gpt2"), f"--config {path}")
-    # GPT2Config keeps any keyword it does not know as a plain attribute: a Llama config's
-    # num_key_value_heads would vanish into a GPT-2 small. Refuse what GPT2Config does not read.
-    known = set(GPT2Config().to_dict()) | set(GPT2Config.attribute_map) | _CONFIG_BOOKKEEPING
+        raise CheckpointError(f"--config {path}: expected a JSON object of config options, got {type(data).__name__}")
+    family = _family(data.get("model_type", "gpt2"), f"--config {path}")   # no model_type: GPT-2, as before
+    cls = family.config_class()
+    # A config class keeps any keyword it does not know as a plain attribute: a Llama config's
+    # num_key_value_heads would vanish into a GPT-2 small. Refuse what the class does not read.
+    known = set(cls().to_dict()) | set(cls.attribute_map) | _CONFIG_BOOKKEEPING
     unknown = sorted(set(data) - known)
     if unknown:
-        raise CheckpointError(f"--config {path}: options GPT2Config does not have: {_short_list(unknown)} "
+        raise CheckpointError(f"--config {path}: options {cls.__name__} does not have: {_short_list(unknown)} "
                               "(nothing was written)")
-    return GPT2Config(**{k: v for k, v in data.items() if k not in _CONFIG_BOOKKEEPING})
+    try:
+        config = cls(**{k: v for k, v in data.items() if k not in _CONFIG_BOOKKEEPING})
+    except (TypeError, ValueError, KeyError) as e:    # e.g. a malformed rope_scaling
+        raise CheckpointError(f"--config {path}: {cls.__name__} refuses it: {_one_line(e)} (nothing was written)") from None
+    _check_config(family, config, f"--config {path}")
+    return family, config
 
 
 def load_source(*, model: str | None = None, config: str | None = None, seed: int = 0):
-    """Returns (GPT2LMHeadModel in eval mode, description dict, tokenizer dir or None)."""
+    """Returns (the family's causal LM in eval mode, description dict, tokenizer dir or None)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     if (model is None) == (config is None):
         raise ValueError("give exactly one of --model DIR_OR_HUB_ID and --config NAME_OR_JSON")
     if model is not None:
         return load_checkpoint(model)
     if config in NAMED_CONFIGS:
-        cfg = GPT2Config(**NAMED_CONFIGS[config])
+        family, options = NAMED_CONFIGS[config]
+        cfg = family.config_class()(**options)
         desc = {"kind": "named-config", "config": config, "seed": seed}
     elif Path(config).is_file():
-        cfg = _config_from_json(Path(config))
+        family, cfg = _config_from_json(Path(config))
         desc = {"kind": "config-json", "config": str(config), "seed": seed}
     else:
         raise ValueError(f"--config {config!r} is neither a named config ({', '.join(NAMED_CONFIGS)}) "
                          "nor a JSON file")
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(cfg).eval(), desc, None
+    return family.model_class()(cfg).eval(), desc, None

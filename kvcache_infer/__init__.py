@@ -1,4 +1,4 @@
-"""Fast incremental (KV-cache) decoding of GPT-2 style ONNX models on ONNX Runtime."""
+"""Fast incremental (KV-cache) decoding of GPT-2 and Llama-family ONNX models on ONNX Runtime."""
 from .errors import (CacheAllocationError, CapacityError, ConcurrentUseError, DeviceError, InferenceError,
                      InvalidInputError, KVCacheError, ModelFormatError, ModelNotFoundError, NonFiniteError)
 from .engine import Engine, Nodes, Request, Sequence, StepOutput, TreeSequence

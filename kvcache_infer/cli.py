@@ -235,7 +235,7 @@ def cmd_info(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kvcache-infer", description="KV-cache decoding of GPT-2 style ONNX models.")
+    ap = argparse.ArgumentParser(prog="kvcache-infer", description="KV-cache decoding of GPT-2 and Llama-family ONNX models.")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate tokens or text, streamed to the terminal",

@@ -323,11 +323,11 @@ def run_case(case: Case, env: Env) -> BaseException | None:
 def main() -> None:  # pragma: no cover - renders the README table
     import tempfile
 
-    from export.pipeline import export_gpt2
+    from export.pipeline import export_model
     from tests.conftest import make_hf
 
     with tempfile.TemporaryDirectory() as tmp:
-        d = export_gpt2(make_hf("tiny-a"), Path(tmp) / "m", source={}, log=lambda s: None)
+        d = export_model(make_hf("tiny-a"), Path(tmp) / "m", source={}, log=lambda s: None)
         (Path(tmp) / "scratch").mkdir()
         env = Env(d, Path(tmp) / "scratch")
         print("| # | bad input | raises | message (start) |\n|---|---|---|---|")

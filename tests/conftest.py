@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, settings
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from export.pipeline import export_gpt2
+from export.pipeline import export_model
 
 # Hypothesis profiles, loaded here so that every test module's @settings (built at import) inherits them.
 _checks = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
@@ -51,7 +51,7 @@ def hf_models():
 def exported(hf_models, tmp_path_factory):
     """{config name: model dir} exported by our exporter (parity already checked at export)."""
     root = tmp_path_factory.mktemp("models")
-    return {name: export_gpt2(hf, root / name, source={"kind": "test", "config": name},
+    return {name: export_model(hf, root / name, source={"kind": "test", "config": name},
                               greedy_head=GREEDY_HEAD[name], log=lambda s: None)
             for name, hf in hf_models.items()}
 

@@ -19,9 +19,7 @@ from export.__main__ import main as export_main
 from .conftest import make_hf
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000)
-OTHER_FAMILIES = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, num_key_value_heads=2)),
+OTHER_FAMILIES = {                        # model_types the exporter does not build
     "opt": lambda: OPTForCausalLM(OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                             vocab_size=1000, word_embed_proj_dim=64)),
     "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(**SMALL)),
@@ -60,6 +58,20 @@ def _damaged(kind):
     return make
 
 
+def _llama_missing_tensor(root):
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2)).save_pretrained(root / "llama")
+    _edit_weights(root / "llama", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    return root / "llama"
+
+
+def _qwen2_sliding_window(root):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**SMALL, num_key_value_heads=2, use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    Qwen2ForCausalLM(cfg).save_pretrained(root / "qwen2")
+    return root / "qwen2"
+
+
 def _family(name):
     def make(root):
         torch.manual_seed(0)
@@ -73,7 +85,9 @@ CASES = {**{f"{n} checkpoint": (_family(n), f"model_type '{n}'") for n in OTHER_
          "gpt2 extra tensor": (_damaged("extra tensor"), "1 in the checkpoint but not in the model"),
          "gpt2 mis-shaped tensor": (_damaged("mis-shaped tensor"), "size mismatch"),
          "gpt2 untied head missing": (_damaged("untied head missing"), "1 missing from the checkpoint (lm_head.weight)"),
-         "gpt2 no weights": (_damaged("no weights"), "no file named")}
+         "gpt2 no weights": (_damaged("no weights"), "no file named"),
+         "llama missing tensor": (_llama_missing_tensor, "1 missing from the checkpoint (model.layers.1.mlp.up_proj.weight)"),
+         "qwen2 sliding window": (_qwen2_sliding_window, "sliding attention window")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -90,7 +104,8 @@ def test_a_checkpoint_that_does_not_load_whole_is_refused_in_one_line(case, tmp_
 
 
 @pytest.mark.parametrize("config, msg", [
-    ({**LlamaConfig(**SMALL).to_dict()}, "model_type 'llama'"),
+    ({**GPTNeoXConfig(**SMALL).to_dict()}, "model_type 'gpt_neox'"),
+    ({**LlamaConfig(**SMALL).to_dict(), "n_embd": 64}, "LlamaConfig does not have: n_embd"),
     ({"n_embd": 64, "n_layer": 2, "n_head": 4, "num_key_value_heads": 2}, "GPT2Config does not have: num_key_value_heads"),
     ([1, 2], "expected a JSON object"),
 ])

@@ -5,7 +5,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export.pipeline import export_gpt2
+from export.pipeline import export_model
 from kvcache_infer import DeviceError, KVCacheInferencer
 
 from .conftest import ATOL, hf_logits
@@ -22,7 +22,7 @@ def test_fp32_gqa_model_on_cuda_is_refused_before_any_fallback(exported):
 
 @cuda_only
 def test_cuda_fp16_logits_match_pytorch_and_buffers_stay_put(hf_models, rng, tmp_path):
-    d = export_gpt2(hf_models["tiny-a"], tmp_path / "fp16", source={}, dtype="float16", parity_rtol=2e-2,
+    d = export_model(hf_models["tiny-a"], tmp_path / "fp16", source={}, dtype="float16", parity_rtol=2e-2,
                     log=lambda s: None)
     tokens = rng.integers(0, 1000, size=(2, 60))
     ref = hf_logits(hf_models["tiny-a"], tokens)

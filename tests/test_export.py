@@ -11,9 +11,8 @@ import numpy as np
 import onnx
 import pytest
 
-import export.pipeline
 from export.parity import ParityError
-from export.pipeline import export_gpt2
+from export.pipeline import export_model
 
 from .conftest import make_hf
 
@@ -45,7 +44,8 @@ def test_graph_is_compact_and_stores_the_tied_embedding_once(exported):
 
 
 def test_parity_failure_fails_the_export_loudly(tmp_path, monkeypatch):
-    real = export.pipeline.build_gpt2_graph
+    from export.families import GPT2
+    real = GPT2.build
 
     def corrupted(*a, **k):
         model, names = real(*a, **k)
@@ -55,9 +55,9 @@ def test_parity_failure_fails_the_export_loudly(tmp_path, monkeypatch):
                 t.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), t.name))
         return model, names
 
-    monkeypatch.setattr(export.pipeline, "build_gpt2_graph", corrupted)
+    monkeypatch.setattr(GPT2, "build", corrupted)
     with pytest.raises(ParityError, match="differ from GPT2LMHeadModel"):
-        export_gpt2(make_hf("tiny-a"), tmp_path / "out", source={}, log=lambda s: None)
+        export_model(make_hf("tiny-a"), tmp_path / "out", source={}, log=lambda s: None)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out.")][0].startswith("out.failed-")
     assert next(tmp_path.glob("out.failed-*/model.onnx")).is_file()
@@ -67,7 +67,7 @@ def test_unsupported_config_is_refused(tmp_path):
     hf = make_hf("tiny-a")
     hf.config.activation_function = "laplace"
     with pytest.raises(ValueError, match="activation_function='laplace'"):
-        export_gpt2(hf, tmp_path / "out", source={}, log=lambda s: None)
+        export_model(hf, tmp_path / "out", source={}, log=lambda s: None)
 
 
 def test_cli_exports_a_named_config_and_a_checkpoint(tmp_path):
@@ -178,7 +178,7 @@ def _graph_fingerprint() -> str:
     with a tied and a MatMul head (what quantizers convert), in fp16, with the filtered greedy head and
     with int8 GEMMs (w8a8), with an int8 KV cache, and for tiny-b (BiasGelu, attention scaled by the
     inverse layer index)."""
-    from export.gpt2 import build_gpt2_graph
+    from export.families.gpt2 import build_gpt2_graph
     h = hashlib.sha256()
     for name, dtype, head, greedy, gemms, kv8 in (
             ("tiny-a", "float32", "tied", False, "float", False), ("tiny-a", "float32", "matmul", False, "float", False),
@@ -206,14 +206,14 @@ GRAPH_FINGERPRINTS = {3: "07beb054d39a7b00", 4: "ca8a788197d2c652", 5: "4354f609
 
 
 def test_graph_revision_names_the_graph_the_builder_writes():
-    from export.gpt2 import GRAPH_REVISION
+    from export.skeleton import GRAPH_REVISION
     got = _graph_fingerprint()
     assert GRAPH_FINGERPRINTS.get(GRAPH_REVISION) == got, (
-        f"the graph's nodes changed (fingerprint {got}): bump GRAPH_REVISION in export/gpt2.py "
+        f"the graph's nodes changed (fingerprint {got}): bump GRAPH_REVISION in export/skeleton.py "
         f"(now {GRAPH_REVISION}) and pin the fingerprint here")
 
 
 def test_manifest_records_the_graph_revision(exported):
-    from export.gpt2 import GRAPH_REVISION
+    from export.skeleton import GRAPH_REVISION
     data = json.loads((exported["tiny-a"] / "manifest.json").read_text())
     assert data["exporter"]["graph_revision"] == GRAPH_REVISION

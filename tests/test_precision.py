@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export.pipeline import export_gpt2
+from export.pipeline import export_model
 from kvcache_infer import KVCacheInferencer
 
 from .conftest import CONFIGS, hf_logits
@@ -16,7 +16,7 @@ from .conftest import CONFIGS, hf_logits
 @pytest.fixture(scope="module")
 def fp16(hf_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("fp16")
-    return {name: export_gpt2(hf, root / name, source={}, dtype="float16", parity_rtol=2e-2, log=lambda s: None)
+    return {name: export_model(hf, root / name, source={}, dtype="float16", parity_rtol=2e-2, log=lambda s: None)
             for name, hf in hf_models.items()}
 
 

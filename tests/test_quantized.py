@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export.pipeline import QUALITY_BUDGET, export_gpt2
+from export.pipeline import QUALITY_BUDGET, export_model
 from kvcache_infer import Engine, KVCacheInferencer
 
 from .conftest import hf_logits
@@ -18,10 +18,10 @@ from .conftest import hf_logits
 @pytest.fixture(scope="module")
 def quantized(hf_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
-    out = {w: export_gpt2(hf_models["tiny-a"], root / w, source={}, weights=w, log=lambda s: None)
+    out = {w: export_model(hf_models["tiny-a"], root / w, source={}, weights=w, log=lambda s: None)
            for w in ("int8", "int4", "w8a8")}
-    out["kv8"] = export_gpt2(hf_models["tiny-a"], root / "kv8", source={}, kv_cache="int8", log=lambda s: None)
-    out["w8a8-kv8"] = export_gpt2(hf_models["tiny-a"], root / "w8a8-kv8", source={}, weights="w8a8", kv_cache="int8",
+    out["kv8"] = export_model(hf_models["tiny-a"], root / "kv8", source={}, kv_cache="int8", log=lambda s: None)
+    out["w8a8-kv8"] = export_model(hf_models["tiny-a"], root / "w8a8-kv8", source={}, weights="w8a8", kv_cache="int8",
                                   log=lambda s: None)
     return out
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from export.gpt2 import ACTIVATIONS
-from export.pipeline import export_gpt2
+from export.families.gpt2 import ACTIVATIONS
+from export.pipeline import export_model
 from kvcache_infer import Engine, KVCacheInferencer
 
 from .conftest import hf_logits
@@ -49,7 +49,7 @@ VARIANTS.update({
 @pytest.mark.parametrize("over", list(VARIANTS.values()), ids=list(VARIANTS))
 def test_variant_exports_and_matches_hf_eager(over, tmp_path):
     hf = model(**over)
-    d = export_gpt2(hf, tmp_path / "m", source={"kind": "test"}, log=lambda s: None)
+    d = export_model(hf, tmp_path / "m", source={"kind": "test"}, log=lambda s: None)
     P = hf.config.n_positions
     ids = np.random.default_rng(1).integers(0, hf.config.vocab_size, P)
     want = hf_logits(hf, ids[None])[0]                                      # [P, V], eager attention
@@ -74,7 +74,7 @@ def test_variant_exports_and_matches_hf_eager(over, tmp_path):
 ])
 def test_unsupported_variants_are_refused_before_any_work(over, msg, tmp_path):
     cfg = GPT2Config(**{**BASE, **over})
-    from export.gpt2 import check_config
+    from export.families.gpt2 import check_config
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         check_config(cfg)
     assert not (tmp_path / "m").exists()

@@ -68,7 +68,7 @@ def main() -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from export.pipeline import export_gpt2
+    from export.pipeline import export_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("models/pybytes"))
@@ -112,7 +112,7 @@ def main() -> None:
     ckpt = a.out.with_name(a.out.name + "-hf")       # the PyTorch checkpoint (git-ignored): re-export needs no retraining
     model.save_pretrained(ckpt)
     (ckpt / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json()))
-    export_gpt2(model, a.out, source={"kind": "trained", "script": "training/train_byte_gpt2.py", **vars(a),
+    export_model(model, a.out, source={"kind": "trained", "script": "training/train_byte_gpt2.py", **vars(a),
                                       "out": str(a.out), "checkpoint": str(ckpt)},
                 tokenizer_dir=ckpt, log=lambda s: print(s, flush=True))
     metrics = {"params": params, "config": CONFIG, "data": info, "steps": a.steps, "batch": a.batch, "ctx": ctx,

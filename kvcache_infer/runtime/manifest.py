@@ -76,6 +76,7 @@ class Manifest:
     greedy_sums: tuple | None = None    # with greedy_probe: (sums, absolute sums) over the vocabulary of the int8
                                         # head's probed columns (kvcache_infer/runtime/pick_probe.py)
     cache_dtype: str | None = None  # KV cache element type when it differs from dtype ("int8")
+    architecture: str = "gpt2"      # the checkpoint's model_type (the runtime needs only the geometry above)
 
     @property
     def cache_bytes_per_token(self) -> int:
@@ -110,7 +111,7 @@ class Manifest:
             "format_version": FORMAT_VERSION,
             "model_file": self.model_file,
             "model_bytes": self.model_bytes,
-            "architecture": "gpt2",
+            "architecture": self.architecture,
             "num_layers": self.num_layers,
             "num_heads": self.num_heads,
             "num_kv_heads": self.num_kv_heads,
@@ -172,6 +173,7 @@ class Manifest:
                 model_file=data.get("model_file", "model.onnx"), model_bytes=data.get("model_bytes"),
                 source=source, tokens=str(data.get("tokens", "padded")),
                 cache_dtype=None if cache.get("dtype", data["dtype"]) == data["dtype"] else str(cache["dtype"]),
+                architecture=str(data.get("architecture", "gpt2")),
                 **{n: io.get(n) for n in PACKED_INPUTS + GREEDY_IO + PROBE_IO},
                 greedy_block=(data.get("greedy_pick") or {}).get("block_size"),
                 greedy_sums=(tuple(map(float, data["greedy_pick"]["column_sums"])),
@@ -221,6 +223,8 @@ class Manifest:
         for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_positions"):
             if getattr(self, name) < 1:
                 bad.append(f"{name}={getattr(self, name)}")
+        if self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads:
+            bad.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.layout == "growing" and not (self.attention_mask or self.position_ids):
             bad.append("the growing layout needs an attention_mask or a position_ids input (neither tells the "
                        "graph where the new tokens are)")
@@ -284,7 +288,7 @@ _COMBINED_PAST = re.compile(r"^past_(\d+)$")
 
 
 def manifest_from_graph(inputs: dict, outputs: dict, config_path: Path, model_file: str) -> Manifest:
-    """Builds a manifest for an Optimum-style GPT-2 export from its declared I/O and config.json."""
+    """Builds a manifest for an Optimum-style export (GPT-2, Llama-family) from its declared I/O and config.json."""
     layers = sorted({int(m.group(1)) for n in inputs if (m := _OPTIMUM_PAST.match(n))})
     combined = [n for n in inputs if _COMBINED_PAST.match(n)]
     if not layers and combined:
@@ -315,11 +319,14 @@ def manifest_from_graph(inputs: dict, outputs: dict, config_path: Path, model_fi
     if logits not in outputs:
         raise ModelFormatError(f"the model has no 'logits' output (outputs: {sorted(outputs)})")
     vocab = outputs[logits].shape[-1]
-    max_positions = hidden = None
+    max_positions = hidden = heads = None
+    architecture = "gpt2"
     if config_path.is_file():
         cfg = json.loads(config_path.read_text())
         max_positions = cfg.get("n_positions") or cfg.get("max_position_embeddings")
         hidden = cfg.get("n_embd") or cfg.get("hidden_size")
+        heads = cfg.get("n_head") or cfg.get("num_attention_heads")     # past has the KV heads only
+        architecture = str(cfg.get("model_type", architecture))
         vocab = vocab if isinstance(vocab, int) else cfg.get("vocab_size")
     if not isinstance(max_positions, int) or not isinstance(vocab, int):
         raise ModelFormatError(
@@ -332,8 +339,9 @@ def manifest_from_graph(inputs: dict, outputs: dict, config_path: Path, model_fi
     if logits_dtype is None:
         raise ModelFormatError(f"{logits} has unsupported type {outputs[logits].type}")
     m = Manifest(
-        num_layers=n, num_heads=shape[1], num_kv_heads=shape[1], head_dim=shape[3],
-        hidden_size=hidden or shape[1] * shape[3], vocab_size=vocab, max_positions=max_positions, dtype=dtype,
+        num_layers=n, num_heads=heads if isinstance(heads, int) else shape[1], num_kv_heads=shape[1], head_dim=shape[3],
+        architecture=architecture,
+        hidden_size=hidden or (heads or shape[1]) * shape[3], vocab_size=vocab, max_positions=max_positions, dtype=dtype,
         logits_dtype=logits_dtype, attention="standard",
         layout="growing", input_ids="input_ids",
         position_ids="position_ids" if "position_ids" in inputs else None,
