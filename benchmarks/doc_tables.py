@@ -181,6 +181,7 @@ def _http_ray() -> str:
 BLOCKS = {
     "leaders": lambda: _leaders("leaders_gpt2_cpu"),
     "leaders-rerun": lambda: _leaders("leaders_gpt2_cpu_rerun"),
+    "leaders-llama": lambda: _leaders("leaders_llama-small_cpu"),
     "suite-decode": _suite_decode,
     "suite-first-token": _suite_first_token,
     "suite-exports": _suite_exports,

@@ -1,12 +1,14 @@
 """kvcache-infer against the CPU runtimes people pick instead: OpenVINO GenAI, llama.cpp, CTranslate2.
 
-    python -m benchmarks.leaders [--rounds 3] [--ours fp32 int8 ...] [--peers openvino llamacpp ct2]
+    python -m benchmarks.leaders [--config gpt2|llama-small] [--rounds 3] [--ours fp32 int8 ...]
+                                 [--peers openvino llamacpp ct2]
                                  [--workloads decode first-token serving shared-prefix] [--publish]
 
-The same weights (GPT-2 small, random, seed 0) in every system, each (system, precision, workload)
+The same weights (--config: GPT-2 small, or llama-small, a Llama of GPT-2 small's size with 4 KV heads;
+random, seed 0) in every system, each (system, precision, workload)
 alone in a fresh process, the order rotated every round, medians over rounds. The workloads and the
 peers' workers are benchmarks/cpu_peers.py's (run in .venv-peers: `bash scripts/setup_peers.sh`, then
-`.venv-peers/bin/python -m benchmarks.peer_models`); ours runs the same workloads here:
+`.venv-peers/bin/python -m benchmarks.peer_models [--model llama-small]`); ours runs the same workloads here:
     decode        one sequence: a prompt of 32 / 512 random ids, then 64 greedy tokens through
                   KVCacheInferencer.next_tokens; ms per token after the first (3 fresh prompts after 1 untimed)
     first-token   next_tokens of a fresh 32 / 512-id prompt from an empty cache (median of 5 after 1 untimed)
@@ -15,7 +17,7 @@ peers' workers are benchmarks/cpu_peers.py's (run in .venv-peers: `bash scripts/
                   does with this workload; 16 is the other row)
     shared-prefix benchmarks.shared_prefix's 16 requests sharing a 512-token prefix, Engine with 16 slots and
                   its prefix cache
-Our exports (models/gpt2-NAME, made when missing; an export of another graph revision is refused):
+Our exports (models/CONFIG-NAME, made when missing; an export of another graph revision is refused):
     fp32 | int8, int4 (weight-only, MatMulNBits) | w8a8 (int8 weights per column and activations per row,
     ORT's int8 GEMM) | NAME-kv8: the same with an int8 KV cache (static per-channel scales)
 Results: JSON (every round of every case) and a markdown table under benchmarks/out/ (benchmarks/results/
@@ -53,16 +55,19 @@ SIZES = {"decode_prompts": (32, 512), "decode_new": 64, "decode_timed": 3, "firs
          "first_timed": 5}
 
 
-def export_dir(root: Path, name: str) -> Path:
-    return root / ("gpt2" if name == "fp32" else f"gpt2-{name}")
+CONFIGS = {"gpt2": "GPT-2 small", "llama-small": "Llama, GPT-2 small's size (4 KV heads)"}   # --config: title
 
 
-def ensure_exports(names, root: Path) -> None:
+def export_dir(root: Path, config: str, name: str) -> Path:
+    return root / (config if name == "fp32" else f"{config}-{name}")
+
+
+def ensure_exports(names, root: Path, config: str) -> None:
     """Makes the missing exports; refuses ones of another graph revision (their timings are not this version's)."""
     from export.skeleton import GRAPH_REVISION
     for name in names:
-        out = export_dir(root, name)
-        args = ["--config", "gpt2", "--seed", "0", "--out", str(out), *OURS[name][0]]
+        out = export_dir(root, config, name)
+        args = ["--config", config, "--seed", "0", "--out", str(out), *OURS[name][0]]
         if (out / "manifest.json").is_file():
             rev = (json.loads((out / "manifest.json").read_text()).get("exporter") or {}).get("graph_revision")
             if rev != GRAPH_REVISION:
@@ -194,7 +199,7 @@ def cases(a) -> dict[str, list[str] | Case]:
             slots = [a.slots, 16] if w == "serving" and a.slots != 16 else [a.slots]
             for s in slots:
                 key = f"kvcache-infer/{name}/{w}" + (f"-{s}" if w == "serving" and s != a.slots else "")
-                out[key] = ["ours", "--precision", name, "--model", str(export_dir(a.models_dir, name)),
+                out[key] = ["ours", "--precision", name, "--model", str(export_dir(a.models_dir, a.config, name)),
                             "--workload", w, "--threads", str(a.threads), "--slots", str(s)]
     if a.peers and not PEERS_PYTHON.is_file():
         raise SystemExit(f"the peers are not installed ({PEERS_PYTHON} is missing): run `bash scripts/setup_peers.sh` "
@@ -204,7 +209,8 @@ def cases(a) -> dict[str, list[str] | Case]:
         for prec in PRECISIONS[peer]:
             for w in a.workloads:
                 out[f"{peer}/{prec}/{w}"] = Case(str(PEERS_PYTHON), "benchmarks.cpu_peers",
-                                                 [peer, "--precision", prec, "--workload", w, "--threads", str(a.threads)])
+                                                 [peer, "--precision", prec, "--workload", w, "--threads", str(a.threads),
+                                                  "--model", a.config])
     return out
 
 
@@ -255,14 +261,14 @@ def markdown(agg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(agg: dict, path: Path) -> list[Path]:
+def plot(agg: dict, path: Path, title: str) -> list[Path]:
     """One bar chart per figure (every system and precision; medians with min-max whiskers)."""
     from .common import pyplot
     plt = pyplot()
     if plt is None:
         return []
     written = []
-    for key, title in COLUMNS:
+    for key, label in COLUMNS:
         rows = [(r, e[key]) for r, e in agg["table"].items() if key in e]
         if not rows:
             continue
@@ -275,7 +281,7 @@ def plot(agg: dict, path: Path) -> list[Path]:
         ax.set_yticks(range(len(rows)), names, fontsize=8)
         ax.invert_yaxis()
         better = "higher is better" if key.startswith("serving") else "lower is better"
-        ax.set_title(f"GPT-2 small, 2 threads: {title} ({better})", fontsize=9)
+        ax.set_title(f"{title}, 2 threads\n{label} ({better})", fontsize=9)
         fig.tight_layout()
         out = path.with_name(f"{path.stem}_{key}.png")
         fig.savefig(out, dpi=110)
@@ -286,6 +292,8 @@ def plot(agg: dict, path: Path) -> list[Path]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="gpt2", choices=list(CONFIGS),
+                    help="the weights every system runs (python -m export --config NAME, seed 0; default gpt2)")
     ap.add_argument("--ours", nargs="*", default=list(OURS), choices=list(OURS))
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
@@ -309,15 +317,15 @@ def main(argv=None) -> None:
     if a.render:
         record = json.loads(a.render.read_text())
         return publish(record, a.render)
-    ensure_exports(a.ours, a.models_dir)
-    out = out_dir(a.publish) / "leaders_gpt2_cpu.json"
-    journal = out_dir(False) / "leaders_gpt2_cpu.journal.jsonl"
+    ensure_exports(a.ours, a.models_dir, a.config)
+    out = out_dir(a.publish) / f"leaders_{a.config}_cpu.json"
+    journal = out_dir(False) / f"leaders_{a.config}_cpu.journal.jsonl"
     if not a.resume:
         journal.unlink(missing_ok=True)
     runs = run_rounds("benchmarks.leaders", cases(a), a.rounds, a.timeout, journal)
     agg = aggregate(runs)
     from .common import environment
-    record = {"benchmark": "leaders", "rounds": a.rounds, "threads": a.threads, "serving_slots": a.slots,
+    record = {"benchmark": "leaders", "config": a.config, "rounds": a.rounds, "threads": a.threads, "serving_slots": a.slots,
               "environment": environment(a.threads), **agg, "runs": runs}
     out.write_text(json.dumps(record, indent=1, default=str) + "\n")          # results first, plots after
     publish(record, out)
@@ -329,7 +337,7 @@ def publish(record: dict, out: Path) -> None:
     table = markdown(record)
     out.with_suffix(".md").write_text(table)
     print(table)
-    for p in plot(record, out):
+    for p in plot(record, out, CONFIGS[record.get("config", "gpt2")]):
         print(f"wrote {p}")
     print(f"wrote {out.with_suffix('.md')}")
     if out.resolve().parent == (REPO / "benchmarks" / "results").resolve():

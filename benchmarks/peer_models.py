@@ -1,6 +1,7 @@
 """The models the CPU peers run (benchmarks/cpu_peers.py), all from one Hugging Face checkpoint folder.
 
-    python -m benchmarks.peer_models [--tiny] [--only hf ov gguf ct2] [--root models/peers]
+    python -m benchmarks.peer_models [--model gpt2|llama-small|tiny] [--tiny] [--only hf ov gguf ct2]
+                                     [--root models/peers]
 
 Run from the repository root, in .venv-peers (or .venv: the HF folder needs torch + transformers +
 tokenizers, and every conversion runs .venv-peers' own tools by path). `bash scripts/setup_peers.sh`
@@ -15,8 +16,9 @@ first. Made under models/peers/ (git-ignored), each skipped when it already exis
     {name}-f32|q8_0|q4_0.gguf   llama.cpp: the vendored convert_hf_to_gguf.py (f32), then llama-quantize
     {name}-ct2-float32|int8/    CTranslate2, ct2-transformers-converter --quantization float32|int8
 
-{name} is `gpt2`, or `tiny` with --tiny (`load_source(config="tiny", seed=0)`, vocab 1000, 2 layers of
-64: every worker's smoke test). What was made, with which command and versions, is recorded in
+{name} is `gpt2`, `llama-small` (a Llama of GPT-2 small's size, 4 KV heads: `load_source(config=
+"llama-small", seed=0)`), or `tiny` with --tiny (`load_source(config="tiny", seed=0)`, vocab 1000, 2 layers
+of 64: every worker's smoke test). What was made, with which command and versions, is recorded in
 {root}/{name}-manifest.json. The timings use token ids only, so the tokenizer's quality does not matter;
 it exists because every converter wants tokenizer files.
 """
@@ -125,7 +127,8 @@ def train_tokenizer(vocab_size: int, corpus_files: int | None = None):
 
 
 def make_hf(name: str, out: Path) -> dict:
-    """The random-weight GPT-2 (`load_source`, seed 0) with a trained tokenizer, saved to `out`."""
+    """The random-weight model of named config `name` (`load_source`, seed 0) with a trained tokenizer, saved to
+    `out`."""
     sys.path.insert(0, str(REPO))
     from export.source import load_source
 
@@ -136,16 +139,18 @@ def make_hf(name: str, out: Path) -> dict:
     # GPT2Config's bos/eos default to 50256, past the end of a smaller vocabulary: point them at <|endoftext|>
     hf.config.bos_token_id = hf.config.eos_token_id = eot
     hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = eot
-    hf.config.n_ctx = hf.config.n_positions
+    positions = hf.config.max_position_embeddings           # GPT2Config maps it to n_positions
+    if hf.config.model_type == "gpt2":
+        hf.config.n_ctx = positions
     log(f"training a {vocab}-entry byte-level BPE on the standard library (about a minute for 50,257)")
     tok = train_tokenizer(vocab, corpus_files=None if vocab > 5000 else 300)
-    tok.model_max_length = hf.config.n_positions
+    tok.model_max_length = positions
     tmp = fresh(out)
     hf.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.rename(out)
-    return {"source": desc, "vocab_size": vocab, "eot_id": eot, "n_positions": hf.config.n_positions,
-            "n_layer": hf.config.n_layer, "n_embd": hf.config.n_embd, "seconds": time.perf_counter() - t0}
+    return {"source": desc, "vocab_size": vocab, "eot_id": eot, "positions": positions,
+            "layers": hf.config.num_hidden_layers, "hidden": hf.config.hidden_size, "seconds": time.perf_counter() - t0}
 
 
 # -- the peers' formats -------------------------------------------------------------------------------------
@@ -227,11 +232,13 @@ def versions() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="the tiny config (vocab 1000): fast smoke tests")
+    ap.add_argument("--model", default="gpt2", choices=["gpt2", "llama-small", "tiny"],
+                    help="the named config the peers' models are made from (default gpt2)")
+    ap.add_argument("--tiny", action="store_true", help="--model tiny (vocab 1000): fast smoke tests")
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     ap.add_argument("--only", nargs="+", choices=["hf", "ov", "gguf", "ct2"], default=["hf", "ov", "gguf", "ct2"])
     a = ap.parse_args()
-    name = "tiny" if a.tiny else "gpt2"
+    name = "tiny" if a.tiny else a.model
     a.root.mkdir(parents=True, exist_ok=True)
     p = names(name, a.root)
     manifest = json.loads(p["manifest"].read_text()) if p["manifest"].exists() else {}
@@ -252,7 +259,7 @@ def main() -> None:
     cfg = json.loads((p["hf"] / "config.json").read_text())
     if "ov" in a.only:
         for f in OV_FORMATS:
-            step(f"ov-{f}", p[f"ov-{f}"], lambda f=f: make_ov(p["hf"], p[f"ov-{f}"], f, cfg["n_embd"]))
+            step(f"ov-{f}", p[f"ov-{f}"], lambda f=f: make_ov(p["hf"], p[f"ov-{f}"], f, cfg.get("n_embd") or cfg["hidden_size"]))
     if "gguf" in a.only:
         for q in GGUF_TYPES:
             step(f"gguf-{q}", p[f"gguf-{q}"], lambda q=q: make_gguf(p["hf"], p["gguf-f32"], p[f"gguf-{q}"], q))

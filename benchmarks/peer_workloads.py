@@ -21,7 +21,8 @@ PRECISIONS = {
 }
 WORKLOADS = ("decode", "first-token", "serving", "shared-prefix")
 
-# The sizes: "gpt2" are the ones to report; "tiny" the same shapes scaled to the tiny model (256 positions).
+# The sizes: "gpt2" (and "llama-small", a Llama of GPT-2 small's size) are the ones to report; "tiny" the
+# same shapes scaled to the tiny model (256 positions).
 SIZES = {
     "gpt2": {"decode_prompts": (32, 512), "decode_new": 64, "decode_timed": 3,
              "first_prompts": (32, 512), "first_timed": 5,
@@ -34,6 +35,7 @@ SIZES = {
              "shared": {"requests": 16, "prefix": 128, "suffix": 16, "new": 8, "seed": 0},
              "server_ctx_per_slot": {"serving": 128, "shared-prefix": 256}},
 }
+SIZES["llama-small"] = SIZES["gpt2"]
 # --short (scripts/run.sh's short run, GPT-2 small): one prompt length, fewer tokens and requests; not the published sizes
 SHORT = {"decode_prompts": (32,), "decode_new": 32, "decode_timed": 2, "first_prompts": (32,), "first_timed": 3,
          "serving": {"n": 16, "seed": 0, "prompt": (8, 64), "out": (16, 64)},
@@ -89,11 +91,11 @@ def environment(threads: int) -> dict:
 def hf_config(root: Path, model: str) -> dict:
     p = root / f"{model}-hf" / "config.json"
     if not p.exists():
-        raise SystemExit(f"{p} is missing: run `python -m benchmarks.peer_models{' --tiny' if model == 'tiny' else ''}`")
+        raise SystemExit(f"{p} is missing: run `python -m benchmarks.peer_models --model {model}`")
     return json.loads(p.read_text())
 
 
 def need(path: Path, model: str) -> Path:
     if not path.exists():
-        raise SystemExit(f"{path} is missing: run `python -m benchmarks.peer_models{' --tiny' if model == 'tiny' else ''}`")
+        raise SystemExit(f"{path} is missing: run `python -m benchmarks.peer_models --model {model}`")
     return path

@@ -24,8 +24,6 @@ def calibration_ids(vocab: int, positions: int, *, sequences: int = 4, seed: int
 def gpt2_kv_ranges(hf_model, ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """[(max |K| [N,D], max |V| [N,D]) per layer] of a GPT2LMHeadModel on `ids`: K and V as they enter
     the cache (c_attn's output, split per head)."""
-    import torch
-
     cfg = hf_model.config
     E, N = cfg.n_embd, cfg.n_head
     D = E // N
@@ -39,7 +37,16 @@ def gpt2_kv_ranges(hf_model, ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarr
             seen[i][1] = np.maximum(seen[i][1], v)
         return record
 
-    handles = [block.attn.c_attn.register_forward_hook(hook(i)) for i, block in enumerate(hf_model.transformer.h)]
+    run_with_hooks(hf_model, ids, [(block.attn.c_attn, hook(i)) for i, block in enumerate(hf_model.transformer.h)])
+    return [(k, v) for k, v in seen]
+
+
+def run_with_hooks(hf_model, ids: np.ndarray, hooks) -> None:
+    """Runs `hf_model` on each row of `ids` with forward hooks [(module, hook(module, inputs, output))]
+    in place; they are removed afterwards, whatever happens."""
+    import torch
+
+    handles = [module.register_forward_hook(fn) for module, fn in hooks]
     try:
         with torch.no_grad():
             for row in ids:
@@ -47,7 +54,6 @@ def gpt2_kv_ranges(hf_model, ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarr
     finally:
         for h in handles:
             h.remove()
-    return [(k, v) for k, v in seen]
 
 
 def kv_scales(ranges, margin: float = MARGIN) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -23,6 +23,7 @@ PINS=(
   "optimum-intel[openvino]==2.2.0" "nncf==3.4.0"
   "ctranslate2==4.8.5"
   "transformers==4.57.6" "tokenizers==0.22.2" "safetensors" "gguf==0.19.0" "numpy" "sentencepiece"
+  "onnx==1.23.2"                      # export.source (peer_models' checkpoints) imports the exporter's families
 )
 
 mkdir -p build "$LLAMA"

@@ -1,7 +1,7 @@
 """Llama-family exports (llama, mistral, qwen2) against HF's eager recompute of every sequence.
 
 Configs cover grouped KV heads (ratios 1, 2, 3, 4), multi-query attention, head sizes 8 to 32 (one not
-hidden / heads), rope_theta from 1e4 to 1e6, llama3 and yarn rope scaling, tied and untied heads,
+hidden / heads), rope_theta from 1e4 to 1e6, linear, llama3 and yarn rope scaling, tied and untied heads,
 Qwen2's q/k/v biases and Llama's attention/MLP biases. Weights at 5x HF's init scale and randomized
 norms, so that a wrong rotation, head mapping or row cannot hide in near-ties.
 """
@@ -27,7 +27,8 @@ CONFIGS = {
                                                      "original_max_position_embeddings": 64})),
     "llama-biases-gqa3": ("llama", dict(TINY, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
                                         attention_bias=True, mlp_bias=True, num_hidden_layers=3)),
-    "qwen2-biases": ("qwen2", dict(TINY, num_key_value_heads=4, rope_theta=1e6, tie_word_embeddings=True)),
+    "qwen2-biases": ("qwen2", dict(TINY, num_key_value_heads=4, rope_theta=1e6, tie_word_embeddings=True,
+                                   rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "mistral-hd32-yarn": ("mistral", dict(TINY, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
                                           sliding_window=None, tie_word_embeddings=False,
                                           rope_scaling={"rope_type": "yarn", "factor": 2.0,
@@ -199,3 +200,37 @@ def test_optimum_llama_export_with_fewer_kv_heads_runs_like_its_gpt2_ones(tmp_pa
     close(inf.forward(tokens[:30]), want[29])
     for t in range(30, 40):
         close(inf.forward([tokens[t]]), want[t])
+
+
+def test_prefix_reuse_fork_and_memory_profile_with_grouped_kv_heads(models):
+    hf, path = models["mistral-hd32-yarn"]
+    eng = Engine(path, max_sequences=3, max_seq_len=80, max_chunk=16)
+    prefix = np.random.default_rng(5).integers(0, 300, 40).tolist()
+    a = eng.new_sequence()
+    eng.step({a: prefix})
+    eng.release(a)                                   # retained: its rows stay indexed
+    b = eng.new_sequence()
+    close(eng.step({b: prefix + [7, 8]})[b], ref_logits(hf, prefix + [7, 8])[-1])
+    assert eng.stats["prefix_tokens_reused"] == 40
+    c = eng.fork(b)
+    close(eng.step({c: [9]})[c], ref_logits(hf, prefix + [7, 8, 9])[-1])
+    L, Nkv, D = 2, 2, 32
+    p = eng.memory_profile()
+    assert p.bytes_per_token == 2 * L * Nkv * D * 4 and p.total_tokens == 42 + 43
+
+
+def test_served_over_http_like_any_export(models):
+    pytest.importorskip("starlette")
+    pytest.importorskip("openai")
+    from .test_server import Server
+    hf, path = models["qwen2-biases"]
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    with Server(Engine(path, max_sequences=2, max_seq_len=48), name="qwen2") as srv:
+        r = srv.client().completions.create(model="qwen2", prompt=prompts, max_tokens=6, temperature=0)
+    got = [ch.token_ids for ch in sorted(r.choices, key=lambda ch: ch.index)]
+    for p, tokens in zip(prompts, got):
+        x = torch.tensor([p])
+        with torch.no_grad():
+            want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                               pad_token_id=0)[0, len(p):]
+        assert tokens == want.tolist()

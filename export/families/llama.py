@@ -128,17 +128,9 @@ class LlamaFamily(Family):
                 seen[i][which] = np.maximum(seen[i][which], x.abs().amax(0).numpy())
             return record
 
-        handles = []
-        for i, layer in enumerate(hf_model.model.layers):
-            handles.append(layer.self_attn.k_proj.register_forward_hook(hook(i, 0)))
-            handles.append(layer.self_attn.v_proj.register_forward_hook(hook(i, 1)))
-        try:
-            with torch.no_grad():
-                for row in ids:
-                    hf_model(torch.from_numpy(row[None]))
-        finally:
-            for h in handles:
-                h.remove()
+        from ..kv_calibration import run_with_hooks
+        run_with_hooks(hf_model, ids, [(layer.self_attn.k_proj if which == 0 else layer.self_attn.v_proj, hook(i, which))
+                                       for i, layer in enumerate(hf_model.model.layers) for which in (0, 1)])
         return [(k, v) for k, v in seen]
 
 
