@@ -234,3 +234,35 @@ def test_served_over_http_like_any_export(models):
             want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
                                pad_token_id=0)[0, len(p):]
         assert tokens == want.tolist()
+
+
+def _sentencepiece_style_tokenizer(vocab: int):
+    """A Llama-style tokenizer (BPE over "▁"-joined words with byte fallback, <s> prepended), trained here."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import LlamaTokenizerFast
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    text = ["def add(x, y):\n    return x + y\n", "for i in range(10):\n    print(i)\n", "import os, sys\n"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_llama_checkpoint_with_its_tokenizer_takes_text_and_gives_text(tmp_path):
+    from export.__main__ import main
+    hf = make_hf("llama-gqa2-untied")
+    tok = _sentencepiece_style_tokenizer(hf.config.vocab_size)
+    hf.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    assert main(["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 0
+    prompt = "def add(x, y):\n    return"
+    got = Engine(tmp_path / "out", max_sequences=1, max_seq_len=64).generate([prompt], max_new_tokens=10)[0]
+    ids = tok(prompt, return_tensors="pt").input_ids                   # <s> first, as the export's tokenizer.json does
+    with torch.no_grad():
+        new = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                          pad_token_id=0)[0, ids.shape[1]:]
+    want = tok.decode(new, skip_special_tokens=True)
+    assert got == want and len(want) > 0, (got, want)
