@@ -213,6 +213,50 @@ def test_graph_revision_names_the_graph_the_builder_writes():
         f"(now {GRAPH_REVISION}) and pin the fingerprint here")
 
 
+def _llama_fingerprint() -> str:
+    """The same for the Llama family: a GQA tiny-llama with its float, fp16, filtered-greedy, w8a8 and
+    int8-KV graphs, and a Qwen2 (biases) with a tied head."""
+    import torch
+    import transformers
+
+    from export.families import FAMILIES
+    h = hashlib.sha256()
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)
+    for model_type, dtype, head, greedy, gemms, kv8 in (
+            ("llama", "float32", "tied", False, "float", False), ("llama", "float16", "tied", False, "float", False),
+            ("llama", "float32", "tied", True, "float", False), ("llama", "float32", "matmul", False, "int8-rows", False),
+            ("llama", "float32", "tied", False, "float", True), ("qwen2", "float32", "tied", False, "float", False)):
+        family = FAMILIES[model_type]
+        cls = getattr(transformers, {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type])
+        torch.manual_seed(0)
+        hf = cls(family.config_class()(**base, tie_word_embeddings=model_type == "qwen2"))
+        state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+        scales = [(np.ones((2, 16)), np.ones((2, 16)))] * 2 if kv8 else None
+        model, _ = family.build(hf.config, state, dtype=dtype, lm_head=head, greedy_filter=greedy, gemms=gemms,
+                                kv_scales=scales)
+        for n in model.graph.node:
+            attrs = sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute)
+            h.update(repr((n.domain, n.op_type, list(n.input), list(n.output), attrs)).encode())
+        h.update(repr([(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer]).encode())
+        io = [(v.name, v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+              for v in (*model.graph.input, *model.graph.output)]
+        h.update(repr((io, sorted((o.domain, o.version) for o in model.opset_import), model.ir_version)).encode())
+    return h.hexdigest()[:16]
+
+
+# The Llama family's graphs, first written at revision 6.
+LLAMA_FINGERPRINTS = {6: "e1267eac2a022881"}
+
+
+def test_graph_revision_names_the_llama_graphs_too():
+    from export.skeleton import GRAPH_REVISION
+    got = _llama_fingerprint()
+    assert LLAMA_FINGERPRINTS.get(GRAPH_REVISION) == got, (
+        f"the Llama family's nodes changed (fingerprint {got}): bump GRAPH_REVISION in export/skeleton.py "
+        f"(now {GRAPH_REVISION}) and pin the fingerprint here")
+
+
 def test_manifest_records_the_graph_revision(exported):
     from export.skeleton import GRAPH_REVISION
     data = json.loads((exported["tiny-a"] / "manifest.json").read_text())

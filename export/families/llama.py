@@ -5,7 +5,7 @@ Per layer, on the T packed tokens (E = hidden, N heads and Nkv KV heads of D, F 
 
     x    = RMSNorm(h)                                   # Pow, ReduceMean, Add, Sqrt, Div, Mul: ORT fuses
     qkv  = x @ [Wq*s | Wk | Wv] (+ [bq*s | bk | bv])    # [T,(N+2Nkv)D], s = 1/sqrt(D) folded into Q
-    q, k = RotaryEmbedding(q, position_ids), RotaryEmbedding(k, position_ids)   # each token by its own
+    q | k = RotaryEmbedding(q | k, position_ids)        # one op over the N + Nkv heads; each token by its own
                                                         # position_ids (a tree node: its depth), never by
                                                         # its cache row; rotation is linear, so s commutes
     a    = GroupQueryAttention(q | k | v, cache_i)      # [B,S,N*D], kv_num_heads = Nkv
@@ -176,7 +176,7 @@ def _build(config, geo: Geometry, state, *, dtype, lm_head, greedy_filter, gemms
     cos, sin = sk.weight("rope/cos", cos), sk.weight("rope/sin", sin)                              # [P,D/2]
     axis0 = g.const_i64("const/axis0_list", [0])
     (pos,) = g.node("Unsqueeze", [sk.pos, axis0], name="rope/positions")                           # [1,T]
-    split_qkv = g.const_i64("const/qkv_split", [N * D, Nkv * D, Nkv * D])
+    split_qk_v = g.const_i64("const/qk_v_split", [(N + Nkv) * D, Nkv * D])
     F = w("model.layers.0.mlp.gate_proj.weight").shape[0]
     split_gate_up = g.const_i64("const/gate_up_split", [F, F])
     q_scale = 1.0 / np.sqrt(D)
@@ -186,15 +186,12 @@ def _build(config, geo: Geometry, state, *, dtype, lm_head, greedy_filter, gemms
         x = rms_norm(h, p + "input_layernorm.weight", f"h{i}/norm_1")
         qkv = gemm(x, [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"],
                    [q_scale, 1.0, 1.0], f"h{i}/attn/qkv", "tokens")                                 # [T,(N+2Nkv)D]
-        q, k, v = g.node("Split", [qkv, split_qkv], name=f"h{i}/attn/split", n_out=3, axis=1)
-        rotated = []
-        for t, heads, what in ((q, N, "q"), (k, Nkv, "k")):
-            (t3,) = g.node("Unsqueeze", [t, axis0], name=f"h{i}/attn/{what}_3d")                   # [1,T,heads*D]
-            (r,) = g.node("RotaryEmbedding", [t3, pos, cos, sin], name=f"h{i}/attn/rope_{what}", domain=MS_DOMAIN,
-                          interleaved=0, num_heads=heads)
-            rotated.append(r)
-        (v3,) = g.node("Unsqueeze", [v, axis0], name=f"h{i}/attn/v_3d")
-        (qkv3,) = g.node("Concat", [*rotated, v3], name=f"h{i}/attn/rotated", axis=2)             # [1,T,(N+2Nkv)D]
+        # Q's and K's heads share each position's rotation: one RotaryEmbedding over their N + Nkv heads
+        (qkv3,) = g.node("Unsqueeze", [qkv, axis0], name=f"h{i}/attn/3d")                           # [1,T,(N+2Nkv)D]
+        qk, v = g.node("Split", [qkv3, split_qk_v], name=f"h{i}/attn/split", n_out=2, axis=2)
+        (qk,) = g.node("RotaryEmbedding", [qk, pos, cos, sin], name=f"h{i}/attn/rope", domain=MS_DOMAIN,
+                       interleaved=0, num_heads=N + Nkv)                                            # [1,T,(N+Nkv)D]
+        (qkv3,) = g.node("Concat", [qk, v], name=f"h{i}/attn/rotated", axis=2)                      # [1,T,(N+2Nkv)D]
         (qkv,) = g.node("Squeeze", [qkv3, axis0], name=f"h{i}/attn/packed")                        # [T,(N+2Nkv)D]
         attn = sk.attention(i, qkv)                                                                 # [B,S,N*D]
         rows, h, group = sk.rows_after(i, h)
