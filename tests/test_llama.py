@@ -266,3 +266,11 @@ def test_a_llama_checkpoint_with_its_tokenizer_takes_text_and_gives_text(tmp_pat
                           pad_token_id=0)[0, ids.shape[1]:]
     want = tok.decode(new, skip_special_tokens=True)
     assert got == want and len(want) > 0, (got, want)
+
+
+def test_a_float16_export_passes_its_parity_check(tmp_path):
+    hf = make_hf("qwen2-biases")
+    path = export_model(hf, tmp_path / "m", source={"kind": "test"}, dtype="float16", parity_rtol=2e-2,
+                        log=lambda s: None)
+    parity = json.loads((path / "manifest.json").read_text())["parity"]
+    assert parity["max_abs_diff"] <= parity["tolerance"] and parity["top1_agreement"] == 1.0
