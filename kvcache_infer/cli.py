@@ -202,6 +202,7 @@ def cmd_info(a) -> int:
     m = model.manifest
     print(f"model      : {model.file} ({model.file.stat().st_size / 1e6:.1f} MB)")
     print(f"manifest   : {m.source}")
+    print(f"family     : {m.architecture}")
     print(f"geometry   : {m.num_layers} layers, {m.num_heads} heads ({m.num_kv_heads} KV), head_dim {m.head_dim}, "
           f"hidden {m.hidden_size}, vocab {m.vocab_size}, {m.max_positions} positions")
     print(f"precision  : weights {m.weights or m.dtype}, activations {m.dtype}, cache {m.kv_dtype}, logits {m.logits_dtype}")

@@ -46,7 +46,7 @@ def test_bench_profile_info(exported, capsys, tmp_path):
     assert code == 0 and f"= {2 * 2 * 4 * 16 * 100 * 3 * 4} bytes" in out and "300 tokens" in out
     code, out, _ = run(["info", "--model", d], capsys)
     assert code == 0 and "com.microsoft.GroupQueryAttention x2" in out and "past_key_0" in out
-    assert "inplace layout" in out
+    assert "inplace layout" in out and "family     : gpt2" in out
 
 
 @pytest.mark.parametrize("argv,msg", [
