@@ -107,8 +107,9 @@ class KVCacheInferencer:
         ids, _ = self._check_ids(prompt)
         stop = check_request(max_new_tokens, stop_ids, self.manifest.vocab_size)
         rows_fit(self.position + ids.shape[1] + max_new_tokens - 1,      # the last new token is not fed back
-                 self.capacity, f"{ids.shape[1]} prompt tokens + {max_new_tokens} new tokens at position {self.position}",
-                 f"this inferencer (max_seq_len={self.capacity})", "shorten the prompt, lower max_new_tokens, or reset_cache()")
+                 self.capacity, lambda: (f"{ids.shape[1]} prompt tokens + {max_new_tokens} new tokens at position "
+                                         f"{self.position}", f"this inferencer (max_seq_len={self.capacity})",
+                                         "shorten the prompt, lower max_new_tokens, or reset_cache()"))
         step = self.next_tokens if sampler.greedy else (lambda x: sampler(self.forward(x)))
         it = decode(step, ids[0], max_new_tokens, stop)
         return stream_text(tok, it) if tok is not None else it
@@ -188,9 +189,9 @@ class KVCacheInferencer:
         if a.ndim not in (1, 2) or a.shape[-1] == 0:
             raise InvalidInputError(f"token_ids must be 1-D or 2-D [batch_size, n] with n >= 1, got shape {a.shape}")
         n = a.shape[-1]
-        rows_fit(self.cache.offset + n, self.capacity, f"{n} token(s) at position {self.cache.offset}",
-                 f"this inferencer (max_seq_len={self.capacity})", "call reset_cache(), or construct with a larger "
-                 f"max_seq_len (model limit {self.manifest.max_positions})")
+        rows_fit(self.cache.offset + n, self.capacity, lambda: (
+            f"{n} token(s) at position {self.cache.offset}", f"this inferencer (max_seq_len={self.capacity})",
+            f"call reset_cache(), or construct with a larger max_seq_len (model limit {self.manifest.max_positions})"))
         return (a[None, :], True) if a.ndim == 1 else (a, False)
 
     # -- reporting -------------------------------------------------------------------------------

@@ -172,6 +172,17 @@ def test_from_export_upgrades_format1_to_packed_with_the_same_logits(tmp_path):
     assert eng.step({s: [1, 2, 3]})[s].shape == (m["vocab_size"],)
 
 
+def _hash_graph(h, model) -> None:
+    """Adds what the builder wrote, weight values aside, to the hash `h`."""
+    for n in model.graph.node:
+        attrs = sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute)
+        h.update(repr((n.domain, n.op_type, list(n.input), list(n.output), attrs)).encode())
+    h.update(repr([(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer]).encode())
+    io = [(v.name, v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+          for v in (*model.graph.input, *model.graph.output)]
+    h.update(repr((io, sorted((o.domain, o.version) for o in model.opset_import), model.ir_version)).encode())
+
+
 def _graph_fingerprint() -> str:
     """sha256 of what the builder writes, weight values aside: every node (op, wiring, attributes),
     every initializer's name, type and shape, the I/O and the opsets, for tiny-a (gelu_new, tied head)
@@ -190,13 +201,7 @@ def _graph_fingerprint() -> str:
         scales = [(np.ones((4, 16)), np.ones((4, 16)))] * hf.config.n_layer if kv8 else None
         model, _ = build_gpt2_graph(hf.config, state, dtype=dtype, lm_head=head, greedy_filter=greedy, gemms=gemms,
                                     kv_scales=scales)
-        for n in model.graph.node:
-            attrs = sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute)
-            h.update(repr((n.domain, n.op_type, list(n.input), list(n.output), attrs)).encode())
-        h.update(repr([(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer]).encode())
-        io = [(v.name, v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
-              for v in (*model.graph.input, *model.graph.output)]
-        h.update(repr((io, sorted((o.domain, o.version) for o in model.opset_import), model.ir_version)).encode())
+        _hash_graph(h, model)
     return h.hexdigest()[:16]
 
 
@@ -235,13 +240,7 @@ def _llama_fingerprint() -> str:
         scales = [(np.ones((2, 16)), np.ones((2, 16)))] * 2 if kv8 else None
         model, _ = family.build(hf.config, state, dtype=dtype, lm_head=head, greedy_filter=greedy, gemms=gemms,
                                 kv_scales=scales)
-        for n in model.graph.node:
-            attrs = sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute)
-            h.update(repr((n.domain, n.op_type, list(n.input), list(n.output), attrs)).encode())
-        h.update(repr([(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer]).encode())
-        io = [(v.name, v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
-              for v in (*model.graph.input, *model.graph.output)]
-        h.update(repr((io, sorted((o.domain, o.version) for o in model.opset_import), model.ir_version)).encode())
+        _hash_graph(h, model)
     return h.hexdigest()[:16]
 
 

@@ -177,7 +177,7 @@ def _build(config, geo: Geometry, state, *, dtype, lm_head, greedy_filter, gemms
     axis0 = g.const_i64("const/axis0_list", [0])
     (pos,) = g.node("Unsqueeze", [sk.pos, axis0], name="rope/positions")                           # [1,T]
     split_qk_v = g.const_i64("const/qk_v_split", [(N + Nkv) * D, Nkv * D])
-    F = w("model.layers.0.mlp.gate_proj.weight").shape[0]
+    F = state["model.layers.0.mlp.gate_proj.weight"].shape[0]                          # intermediate size
     split_gate_up = g.const_i64("const/gate_up_split", [F, F])
     q_scale = 1.0 / np.sqrt(D)
 

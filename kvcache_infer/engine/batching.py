@@ -69,9 +69,9 @@ class ContinuousBatching(abc.ABC):
         tok, prompt = encode_prompt(self.model, prompt)
         ids = self.check_ids(prompt, "the prompt")
         stop = check_request(max_new_tokens, stop_ids, V)
-        rows_fit(ids.size + max_new_tokens - 1, self.max_seq_len,          # the last new token is not fed back
-                 f"{ids.size} prompt tokens + {max_new_tokens} new tokens",
-                 f"a sequence of this Engine (max_seq_len={self.max_seq_len})", "shorten the prompt or lower max_new_tokens")
+        rows_fit(ids.size + max_new_tokens - 1, self.max_seq_len, lambda: (    # the last new token is not fed back
+            f"{ids.size} prompt tokens + {max_new_tokens} new tokens",
+            f"a sequence of this Engine (max_seq_len={self.max_seq_len})", "shorten the prompt or lower max_new_tokens"))
         return Request(next(self._request_ids), ids, int(max_new_tokens), sampler, stop, tok, index)
 
     def enqueue(self, requests) -> None:

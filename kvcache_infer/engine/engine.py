@@ -327,10 +327,11 @@ class Engine(ContinuousBatching):
 
     def check_ids(self, ids, what: str = "ids", seq: Sequence | None = None) -> np.ndarray:
         """Validated token ids as a 1-D int64 array (InvalidInputError naming `what` of `seq` otherwise)."""
-        what = what if seq is None else f"{what} for {seq!r}"
-        a = token_ids(ids, self.manifest.vocab_size, what)
+        def name() -> str:                      # formatted only for an error (a step checks every sequence)
+            return what if seq is None else f"{what} for {seq!r}"
+        a = token_ids(ids, self.manifest.vocab_size, name)
         if a.ndim != 1:
-            raise InvalidInputError(f"{what} must be a 1-D sequence of token ids, got shape {a.shape}")
+            raise InvalidInputError(f"{name()} must be a 1-D sequence of token ids, got shape {a.shape}")
         return a
 
     def _check_feeds(self, feeds):
@@ -367,9 +368,10 @@ class Engine(ContinuousBatching):
                                         "(Engine.new_tree())")
             else:
                 ids = self.check_ids(ids, "the ids", seq)
-            rows_fit(seq.position + ids.size, self.max_seq_len, f"{ids.size} token(s) at position {seq.position} of {seq!r}",
-                     f"a sequence of this Engine (max_seq_len={self.max_seq_len})", "release or truncate it, or "
-                     f"construct the Engine with a larger max_seq_len (model limit {self.manifest.max_positions})")
+            rows_fit(seq.position + ids.size, self.max_seq_len, lambda: (
+                f"{ids.size} token(s) at position {seq.position} of {seq!r}",
+                f"a sequence of this Engine (max_seq_len={self.max_seq_len})", "release or truncate it, or construct "
+                f"the Engine with a larger max_seq_len (model limit {self.manifest.max_positions})"))
             items.append((seq, ids, parents))
         return items
 

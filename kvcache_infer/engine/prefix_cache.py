@@ -162,18 +162,22 @@ class PrefixCache:
     def match_length(self, tokens: np.ndarray, keep_last: bool = True) -> int:
         """Leading tokens a new sequence would adopt (keep_last: at most len - 1, so that the last one
         still runs and gives logits)."""
+        return self._match(tokens, keep_last)[1]
+
+    def _match(self, tokens: np.ndarray, keep_last: bool) -> tuple[int | None, int]:
+        """(a slot holding the longest indexed prefix, its length); (None, 0) when nothing is adopted."""
         if not self.enabled or tokens.size < 1 + keep_last:
-            return 0
-        return self.index.match(tokens[:-1] if keep_last else tokens)[1]
+            return None, 0
+        src, n = self.index.match(tokens[:-1] if keep_last else tokens)
+        return (src, n) if src is not None and n else (None, 0)
 
     def plan(self, slot: int, tokens: np.ndarray, keep_last: bool = True, taken: set | None = None) -> Adoption:
         """The Adoption of an empty sequence in `slot` starting with `tokens`. Copies the adopted rows into
         `slot` when it does not take over (rows past its length 0: invisible until committed). A retained
         slot in `taken` (taken over by another sequence of the same step) is copied from instead."""
-        n = self.match_length(tokens, keep_last)
+        src, n = self._match(tokens, keep_last)
         if n == 0:
             return Adoption(slot, 0, None, False)
-        src, _ = self.index.match(tokens[:-1] if keep_last else tokens)
         takeover = src in self._retained and self.index.entries[src].size == n and src not in (taken or ())
         if takeover and taken is not None:
             taken.add(src)

@@ -5,6 +5,8 @@ changes nothing; callers validate everything before they change any state.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ..errors import CapacityError, InvalidInputError
@@ -31,31 +33,43 @@ def number_arg(name: str, value, low: float, high: float | None = None, *, open_
     return float(value)
 
 
-def token_ids(ids, vocab: int, what: str = "token_ids") -> np.ndarray:
+def token_ids(ids, vocab: int, what: str | Callable[[], str] = "token_ids") -> np.ndarray:
     """`ids` as a non-empty int64 array of ids in [0, vocab) (any number of dimensions: callers check
-    the shape). Ids are never converted from floats or strings."""
+    the shape). Ids are never converted from floats or strings. `what` names them in an error (a
+    callable is called only then: a decode step formats nothing)."""
+    a, problem = _read_ids(ids, vocab)
+    if problem is not None:
+        raise InvalidInputError(problem(what() if callable(what) else what))
+    return a
+
+
+def _read_ids(ids, vocab: int) -> tuple[np.ndarray | None, Callable[[str], str] | None]:
+    """(int64 ids, None), or (None, the error message given the ids' name)."""
     try:
         a = ids if isinstance(ids, np.ndarray) else np.asarray(ids)
     except (ValueError, TypeError, OverflowError) as e:
-        raise InvalidInputError(f"{what} must be a sequence of ints; could not read {type(ids).__name__}: {e}") from None
+        why = f"could not read {type(ids).__name__}: {e}"
+        return None, lambda name: f"{name} must be a sequence of ints; {why}"
     if a.size == 0:
-        raise InvalidInputError(f"{what} is empty: pass at least one token id")
+        return None, lambda name: f"{name} is empty: pass at least one token id"
     if a.dtype.kind not in "iu":
-        raise InvalidInputError(f"{what} must be integers (an int array or a list of ints), got dtype {a.dtype}; ids "
-                                "are never converted silently: cast them yourself if that is what you mean")
+        return None, lambda name: (f"{name} must be integers (an int array or a list of ints), got dtype {a.dtype}; "
+                                   "ids are never converted silently: cast them yourself if that is what you mean")
     if a.size <= 64:                         # a decode step: builtins beat two numpy reductions here
         vals = a.ravel().tolist()
         lo, hi = min(vals), max(vals)
     else:
         lo, hi = int(a.min()), int(a.max())
     if lo < 0 or hi >= vocab:
-        raise InvalidInputError(f"token id {lo if lo < 0 else hi} in {what} is outside the vocabulary [0, {vocab})")
-    return a.astype(np.int64, copy=False)
+        return None, lambda name: f"token id {lo if lo < 0 else hi} in {name} is outside the vocabulary [0, {vocab})"
+    return a.astype(np.int64, copy=False), None
 
 
-def rows_fit(need: int, limit: int, what: str, holder: str, fix: str) -> None:
-    """The one capacity rule: `what` needs `need` cache rows and `holder` has `limit`."""
+def rows_fit(need: int, limit: int, describe: Callable[[], tuple[str, str, str]]) -> None:
+    """The one capacity rule: `need` cache rows against `limit`. describe() -> (what needs them, what
+    holds them, how to fix it), called only for the error (a decode step formats nothing)."""
     if need > limit:
+        what, holder, fix = describe()
         raise CapacityError(f"{what}: {need} cache rows needed but {holder} holds at most {limit}; {fix}")
 
 
