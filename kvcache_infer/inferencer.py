@@ -28,6 +28,11 @@ class KVCacheInferencer:
         max_seq_len: cache capacity in tokens per sequence; default and upper bound: the model's
             position limit (manifest `max_positions`).
         batch_size: rows decoded in lockstep; every forward() gets exactly this many rows.
+        prefill_chunk: a longer chunk of new tokens (a prompt) runs as several runs of at most this
+            many tokens (packed-token graphs; one run for others). Attention computes each run's new tokens against
+            every row before them, so one run of S tokens costs S x S scores and runs of c cost about
+            S x S / 2 + S x c / 2; the matrix products cost the same. 256 is the fastest for GPT-2
+            small's 512-token prompts on our CPU (docs/performance.md).
 
     What never changes after construction: the cache buffers (same device addresses until the
     object dies), the bound one-token step, the preallocated id/position/logits buffers.
@@ -38,13 +43,14 @@ class KVCacheInferencer:
 
     def __init__(self, model: Model | str | Path, *, device: str | None = None, device_id: int = 0,
                  max_seq_len: int | None = None, batch_size: int = 1, intra_op_threads: int | None = None,
-                 session_options: ort.SessionOptions | None = None):
+                 session_options: ort.SessionOptions | None = None, prefill_chunk: int = 256):
         model = shared_model(model, device, device_id=device_id, intra_op_threads=intra_op_threads,
                              session_options=session_options)
         m = model.manifest
         self.model, self.manifest = model, m
         self.batch_size = int_arg("batch_size", batch_size)
         self.capacity = max_seq_len_arg(max_seq_len, m)
+        self.prefill_chunk = int_arg("prefill_chunk", prefill_chunk)
         self.cache = make_cache(m, self.batch_size, self.capacity, model.device, model.device_id)
         # The bound runs of this graph kind: every call only writes ids/positions into their buffers.
         if m.tokens == "packed":
@@ -172,9 +178,19 @@ class KVCacheInferencer:
     def _run(self, ids: np.ndarray, greedy: bool, all_positions: bool = False) -> np.ndarray:
         """One run over validated [B, n] ids (see BoundRun.lockstep); commits only after it succeeded."""
         n = ids.shape[1]
+        c = self.prefill_chunk if self.manifest.tokens == "packed" else n
         t0 = time.perf_counter()
-        out = self.runner.lockstep(ids, greedy, all_positions)
-        self.cache.commit(self.cache.lengths + n)           # the one state change
+        start = self.position
+        try:
+            while not all_positions and ids.shape[1] - (self.position - start) > c:   # leading chunks
+                lo = self.position - start
+                self.runner.fill(ids[:, lo:lo + c])
+                self.cache.commit(self.cache.lengths + c)
+            out = self.runner.lockstep(ids[:, self.position - start:], greedy, all_positions)
+        except BaseException:
+            self.cache.truncate(start)          # leading chunks' rows are dropped: nothing changed
+            raise
+        self.cache.commit(self.cache.lengths + n - (self.position - start))
         self._latency.record((time.perf_counter() - t0) * 1e3, n)
         return out
 

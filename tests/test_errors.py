@@ -50,6 +50,33 @@ def test_failure_inside_run_leaves_cache_unchanged(model, exc, when, rng, monkey
     np.testing.assert_array_equal(inf.forward(tokens[25:26]), ref.forward(tokens[25:26]))
 
 
+@pytest.mark.parametrize("exc", [RuntimeError("simulated ORT failure"), KeyboardInterrupt()])
+def test_failure_in_a_later_prefill_chunk_leaves_cache_unchanged(exported, exc, rng, monkeypatch):
+    """A prompt running as several runs (prefill_chunk) fails in its third run: the rows the first two
+    wrote are dropped, the position is where it was, and the sequence continues as if nothing ran."""
+    model = Model(exported["tiny-a"])
+    inf = KVCacheInferencer(model, max_seq_len=60, prefill_chunk=8)
+    ref = KVCacheInferencer(model, max_seq_len=60, prefill_chunk=8)
+    tokens = rng.integers(0, 1000, size=50)
+    inf.forward(tokens[:10]); ref.forward(tokens[:10])
+    before = _state(inf)
+    real_run, calls = model.session.run_with_iobinding, []
+
+    def failing_run(io, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise exc
+        real_run(io, *a, **k)
+
+    monkeypatch.setattr(model.session, "run_with_iobinding", failing_run)
+    with pytest.raises(InferenceError if isinstance(exc, Exception) else KeyboardInterrupt):
+        inf.forward(rng.integers(0, 1000, size=30))
+    assert len(calls) == 3
+    _assert_unchanged(inf, before)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(inf.forward(tokens[10:40]), ref.forward(tokens[10:40]))
+
+
 def test_inference_error_message(exported, monkeypatch):
     model = Model(exported["tiny-a"])
     inf = KVCacheInferencer(model)

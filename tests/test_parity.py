@@ -77,6 +77,24 @@ def test_chunked_prefill_equals_one_shot(chunks, exported, rng):
         np.testing.assert_allclose(inf.forward(tokens[t:t + 1]), one.forward(tokens[t:t + 1]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("prefill_chunk", [1, 7, 16, 39])
+def test_prefill_chunk_runs_equal_one_run(prefill_chunk, exported, hf_models, rng):
+    """A prompt longer than prefill_chunk runs as several runs: same logits (PyTorch's), same next
+    greedy token, same cache rows as one run."""
+    tokens = rng.integers(0, 1000, size=(2, 40))
+    one = KVCacheInferencer(exported["tiny-a"], prefill_chunk=40)
+    inf = KVCacheInferencer(exported["tiny-a"], prefill_chunk=prefill_chunk)
+    np.testing.assert_allclose(inf.forward(tokens[0]), hf_logits(hf_models["tiny-a"], tokens[:1])[0, -1],
+                               atol=ATOL, rtol=0)
+    assert inf.position == 40
+    one.forward(tokens[0])
+    for (k, v), (k1, v1) in zip(inf.cache.read(40), one.cache.read(40)):
+        np.testing.assert_allclose(k, k1, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(v, v1, atol=1e-5, rtol=0)
+    inf.reset_cache(); one.reset_cache()
+    assert inf.next_tokens(tokens[1]) == one.next_tokens(tokens[1])
+
+
 def test_reset_then_same_prompt_equals_fresh(exported, rng):
     a, b = rng.integers(0, 1000, size=60), rng.integers(0, 1000, size=25)
     inf = KVCacheInferencer(exported["tiny-a"])

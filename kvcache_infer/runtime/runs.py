@@ -51,6 +51,11 @@ class BoundRun(ABC):
         """Runs [B, n] ids at every row's current length. Returns a fresh array: [B] int64 greedy next
         tokens, or float32 logits [B, V] (last position) or [B, n, V] (all_positions). Does not commit."""
 
+    def fill(self, ids: np.ndarray) -> None:
+        """Runs [B, n] ids at every row's current length for their cache rows only (a prompt's
+        leading chunk): graphs that can skip the head skip it. Does not commit."""
+        self.lockstep(ids, greedy=False)
+
     @property
     @abstractmethod
     def io_bytes(self) -> int:
@@ -236,15 +241,18 @@ class PackedRun(BoundRun):
             self._views = (R, logits.view((R, self.m.vocab_size)), nxt.view((R,)))
         return self._views[1], self._views[2]
 
-    def lockstep(self, ids: np.ndarray, greedy: bool, all_positions: bool = False) -> np.ndarray:
+    def fill(self, ids: np.ndarray) -> None:
+        self.lockstep(ids, greedy=False, head=False)
+
+    def lockstep(self, ids: np.ndarray, greedy: bool, all_positions: bool = False, head: bool = True) -> np.ndarray:
         B, n = ids.shape
         T, P = B * n, self.cache.offset
-        pick = greedy and self.picks and not all_positions and B <= MAX_PICK_ROWS  # no logits rows
-        R = T if all_positions else 0 if pick else B
+        pick = head and greedy and self.picks and not all_positions and B <= MAX_PICK_ROWS  # no logits rows
+        R = 0 if not head else T if all_positions else 0 if pick else B
         G = B if pick else 0
         if n > self.max_chunk:
             raise KVCacheError(f"a chunk of {n} tokens is longer than this run's max_chunk={self.max_chunk}")
-        if self._lockstep != (B, n, all_positions, pick):
+        if self._lockstep != (B, n, all_positions, pick, head):
             ar = self._arange
             self._padded.array[:T] = ar[:T]
             cells = self._cells.view((B, n, 2))
@@ -253,10 +261,10 @@ class PackedRun(BoundRun):
             last = ar[n - 1:T:n]                                        # each row's last token
             if pick:
                 self._greedy[0].array[:G] = last
-            else:
+            elif head:
                 self._keep.array[:R] = ar[:T] if all_positions else last
             self._q_len.array[:B] = n
-            self._lockstep = (B, n, all_positions, pick)
+            self._lockstep = (B, n, all_positions, pick, head)
         self._ids.array[:T] = ids.reshape(-1)
         if n == 1:
             self._pos.array[:T] = P
@@ -265,6 +273,8 @@ class PackedRun(BoundRun):
         self._cache_len.array[:B] = P + n
         self._bind(T, B, n, R, tree=False, G=G)
         run_bound(self.model, self.io, f"{n} token(s) at position {P}")
+        if not head:
+            return np.empty((B, 0), np.float32)
         if pick:
             return _checked(self._greedy[1].array[:G].copy(), f"{n} token(s) at position {P}")   # [B] int64
         logits, nxt = self._outputs(R)
