@@ -42,7 +42,8 @@ def cmd_generate(a) -> int:
     prompt = a.prompt if a.ids is None else a.ids
     try:
         pieces = inf.stream(prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                            seed=a.seed, stop_ids=a.stop_ids or ())  # validated here, before any output
+                            seed=a.seed, stop_ids=a.stop_ids or (),   # validated here, before any output
+                            speculative=_speculative(a))
     except CapacityError:
         n = len(inf.model.tokenizer.encode(prompt).ids) if isinstance(prompt, str) else len(prompt)
         raise KVCacheError(f"the prompt ({n} tokens) and --max-new-tokens {a.max_new_tokens} need {n + a.max_new_tokens - 1} "
@@ -62,6 +63,17 @@ def cmd_generate(a) -> int:
           f"p50 {m.cached_token_p50_ms or 0:.3f} ms, p90 {m.cached_token_p90_ms or 0:.3f} ms | "
           f"{inf.device}, {inf.manifest.dtype}]", file=sys.stderr)
     return 0
+
+
+def _speculative(a):
+    """--speculative as a Proposer (None without it); errors name the option."""
+    if a.speculative is None:
+        return None
+    from .runtime.speculative import proposer_arg
+    try:
+        return proposer_arg(a.speculative, "--speculative")
+    except KVCacheError as e:
+        raise KVCacheError(str(e).replace(", a Proposer or None", "")) from None
 
 
 def cmd_serve(a) -> int:
@@ -97,7 +109,8 @@ def cmd_serve(a) -> int:
         raise KVCacheError(f"--request-timeout must be > 0 seconds, got {a.request_timeout}")
     try:
         eng = Engine(a.model, max_sequences=a.max_sequences, max_seq_len=a.max_seq_len, max_chunk=a.max_chunk,
-                     prefix_cache=not a.no_prefix_cache, device=a.device, intra_op_threads=a.threads)
+                     prefix_cache=not a.no_prefix_cache, device=a.device, intra_op_threads=a.threads,
+                     speculative=_speculative(a))
     except KVCacheError as e:
         msg = str(e).replace("max_seq_len=", "--max-seq-len ").replace("max_sequences", "--max-sequences")
         raise KVCacheError(msg) from None
@@ -111,7 +124,8 @@ def cmd_serve(a) -> int:
         from .serve.ray_serve import ReplicaOptions
         options = ReplicaOptions(model=str(eng.model.dir.resolve()), name=a.served_model_name or eng.model.dir.name,
                                  max_sequences=eng.max_sequences, max_seq_len=eng.max_seq_len, max_chunk=a.max_chunk,
-                                 prefix_cache=not a.no_prefix_cache, threads=a.threads, max_queue=a.max_queue)
+                                 prefix_cache=not a.no_prefix_cache, threads=a.threads, max_queue=a.max_queue,
+                                 speculative=a.speculative)
         del eng
         return _serve_on_ray(a, options, limits, where)
     print(f"kvcache-infer serve: {a.served_model_name or eng.model.dir.name} ({eng.model.dir}), "
@@ -253,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with probability >= p")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling (repeatable output)")
     g.add_argument("--stop-ids", type=_ints, default=None, help="stop after any of these token ids, e.g. '0,10'")
+    g.add_argument("--speculative", default=None, metavar="lookup|draft:PATH",
+                   help="guess tokens and verify them in the same run: 'lookup' (prompt lookup: n-grams of "
+                        "the text itself) or 'draft:PATH' (a smaller export with the same vocabulary); greedy "
+                        "output is unchanged, sampling keeps its distribution")
     g.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions) over the Engine",
@@ -268,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seq-len", type=int, default=None, help="tokens per sequence (default: the model's limit)")
     s.add_argument("--max-chunk", type=int, default=64, help="prompt tokens one sequence feeds per step (default 64)")
     s.add_argument("--no-prefix-cache", action="store_true", help="do not keep finished sequences for prefix reuse")
+    s.add_argument("--speculative", default=None, metavar="lookup|draft:PATH",
+                   help="guess tokens and verify them in the same run: 'lookup' (prompt lookup: n-grams of "
+                        "the text itself) or 'draft:PATH' (a smaller export with the same vocabulary); greedy "
+                        "output is unchanged, sampling keeps its distribution")
     s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: its folder name)")
     s.add_argument("--api-key", default=None,
                    help=f"require `Authorization: Bearer KEY` on every route but /health (or set ${{{API_KEY_ENV}}})")

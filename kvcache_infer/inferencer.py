@@ -17,6 +17,7 @@ from .runtime.metrics import LatencyTracker, MemoryProfile, Metrics
 from .runtime.model import Model, shared_model
 from .runtime.runs import PackedRun, PaddedRun
 from .runtime.snapshot import CacheSnapshot, check, take
+from .runtime.speculative import Proposer, Speculation, accept, proposer_arg
 
 
 class KVCacheInferencer:
@@ -59,6 +60,7 @@ class KVCacheInferencer:
             self.runner = PaddedRun(model, self.cache)
 
         self._latency = LatencyTracker()
+        self._spec_counts = {"speculative_steps": 0, "draft_tokens": 0, "accepted_tokens": 0}
         self._busy = threading.Lock()  # one sequence: a second thread gets ConcurrentUseError
 
     # -- state ---------------------------------------------------------------------------------
@@ -90,19 +92,27 @@ class KVCacheInferencer:
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stop_ids=()):
+                 top_p: float | None = None, seed: int | None = None, stop_ids=(),
+                 speculative: Proposer | str | None = None):
         """Feeds `prompt` after what the cache holds and returns the new tokens: a list of ids for an id
         prompt, a string for a text prompt (needs the model's tokenizer.json). temperature 0 is greedy
         (the next token comes from the graph: its filtered greedy head where the export has one, else
         its argmax; no logits row is copied). Stops after
         max_new_tokens or after a token in stop_ids (included). Each step is a forward(): on an error the
-        cache holds the prompt and the tokens generated so far. Call reset_cache() first for a new sequence."""
+        cache holds the prompt and the tokens generated so far. Call reset_cache() first for a new sequence.
+
+        speculative: "lookup" (prompt lookup), "draft:PATH" (a draft export with the same vocabulary) or a
+        Proposer (runtime.speculative): each step also runs the tokens it guesses and keeps those the model
+        agrees with (greedy: the same tokens as without; sampling: the same distribution). The number
+        guessed adapts to how many were kept, down to none. Afterwards the cache holds what it would hold
+        without speculation."""
         out = self.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          stop_ids=stop_ids)
+                          stop_ids=stop_ids, speculative=speculative)
         return "".join(out) if isinstance(prompt, str) else list(out)
 
     def stream(self, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None, stop_ids=()):
+               top_p: float | None = None, seed: int | None = None, stop_ids=(),
+               speculative: Proposer | str | None = None):
         """Like generate(), as an iterator: new ids (int) for an id prompt, text pieces (str) for a text
         prompt. The request is validated before the first token; nothing runs until iteration starts."""
         if self.batch_size != 1:
@@ -117,8 +127,57 @@ class KVCacheInferencer:
                                          f"{self.position}", f"this inferencer (max_seq_len={self.capacity})",
                                          "shorten the prompt, lower max_new_tokens, or reset_cache()"))
         step = self.next_tokens if sampler.greedy else (lambda x: sampler(self.forward(x)))
-        it = decode(step, ids[0], max_new_tokens, stop)
+        proposer = proposer_arg(speculative)
+        if proposer is None:
+            it = decode(step, ids[0], max_new_tokens, stop)
+        else:
+            proposer.check(self.model)
+            it = self._speculate(step, sampler, proposer, ids[0], max_new_tokens, stop)
         return stream_text(tok, it) if tok is not None else it
+
+    def _speculate(self, step, sampler: Sampler, proposer: Proposer, prompt: np.ndarray, max_new_tokens: int,
+                   stop: frozenset):
+        """decode() with guesses (runtime/speculative.py): each run feeds the last token and up to k
+        drafts and yields the kept drafts plus the model's next token."""
+        spec = Speculation(proposer)
+        start = self.position
+        tokens = [int(t) for t in prompt]
+        try:
+            tokens.append(int(step(prompt)))
+            made = 1
+            yield tokens[-1]
+            while tokens[-1] not in stop and made < max_new_tokens:
+                drafts = spec.propose(np.asarray(tokens, np.int64), max_new_tokens - made - 1)
+                if not len(drafts):
+                    new = [int(step(np.array(tokens[-1:], np.int64)))]
+                else:
+                    feed = np.array([[tokens[-1], *drafts]], np.int64)
+                    with self._enter("stream"):
+                        self._check_ids(feed)
+                        out = self._run(feed, sampler.greedy, all_positions=True)     # [n] tokens or [1, n, V]
+                        new = accept(drafts, out, None, sampler) if sampler.greedy else \
+                            accept(drafts, None, out[0], sampler)
+                        self.cache.truncate(self.position - (len(drafts) + 1 - len(new)))   # rejected rows
+                    spec.verified(len(drafts), len(new) - 1)
+                for t in new:
+                    tokens.append(t)
+                    made += 1
+                    yield t
+                    if t in stop:
+                        break
+        finally:
+            # hold what plain decoding holds: the prompt and every token yielded but the last (kept
+            # guesses not yielded yet, when the caller stops early, are dropped)
+            if self.position > start + len(tokens) - 1 and self._busy.acquire(blocking=False):
+                try:
+                    self.cache.truncate(start + len(tokens) - 1)
+                finally:
+                    self._busy.release()
+            spec.close()
+            c = self._spec_counts
+            c["speculative_steps"] += spec.runs
+            c["draft_tokens"] += spec.proposed
+            c["accepted_tokens"] += spec.kept
 
     def snapshot(self) -> CacheSnapshot:
         """Copies rows [0, position) of the cache to host memory (O(position)); changes nothing."""
@@ -214,6 +273,15 @@ class KVCacheInferencer:
     @property
     def metrics(self) -> Metrics:
         return self._latency.snapshot(self.position, self.batch_size)
+
+    @property
+    def speculation_stats(self) -> dict[str, float]:
+        """Over every speculative generate/stream so far: steps that verified drafts, drafts proposed and
+        kept, the share kept, and the tokens such a step produced on average (kept drafts + 1)."""
+        c = self._spec_counts
+        steps, drafts, kept = c["speculative_steps"], c["draft_tokens"], c["accepted_tokens"]
+        return {**c, "acceptance_rate": kept / drafts if drafts else 0.0,
+                "tokens_per_speculative_step": (kept + steps) / steps if steps else 0.0}
 
     def print_metrics(self) -> None:
         print(self.metrics.report())

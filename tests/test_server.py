@@ -245,6 +245,22 @@ def test_models_health_and_metrics(model):
         assert name in m
 
 
+def test_speculative_server_streams_plain_greedy_tokens_and_reports_acceptance(model, reference):
+    """serve --speculative lookup: through the openai client, every greedy stream equals plain decoding;
+    /metrics counts the verified and kept guesses."""
+    greedy = reference.generate(PROMPTS, max_new_tokens=40, temperature=0)
+    with Server(Engine(model, max_sequences=4, max_seq_len=256, speculative="lookup")) as srv, \
+            ThreadPoolExecutor(8) as pool:
+        c = srv.client()
+        got = list(pool.map(lambda p: _stream_one(c, p, max_tokens=40, temperature=0), PROMPTS))
+        m = httpx.get(srv.url + "/metrics").text
+    assert [t for t, _, _ in got] == greedy
+    values = {ln.split()[0]: float(ln.split()[1]) for ln in m.splitlines() if ln.startswith("kvcache_")}
+    assert values["kvcache_speculative_steps_total"] > 0
+    assert 0 < values["kvcache_draft_tokens_accepted_total"] <= values["kvcache_draft_tokens_total"]
+    assert values["kvcache_tokens_per_speculative_step"] > 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -300,3 +316,6 @@ def test_cli_serve_refuses_bad_options_in_option_terms():
     r = subprocess.run([sys.executable, "-m", "kvcache_infer.cli", "serve", "--max-sequences", "0"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--max-sequences" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kvcache_infer.cli", "serve", "--speculative", "ngram"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--speculative must be 'lookup', 'draft:PATH'" in r.stderr and "Traceback" not in r.stderr

@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import CapacityError
 from ..runtime.checks import rows_fit
 from ..runtime.generation import IncrementalText, Sampler, check_request, encode_prompt
+from ..runtime.speculative import Proposer, Speculation, accept, proposer_arg
 from ..runtime.manifest import Manifest
 from ..runtime.model import Model
 from .requests import Request, per_prompt_arguments
@@ -32,9 +33,14 @@ class ContinuousBatching(abc.ABC):
     max_seq_len: int
     lock: threading.RLock
 
-    def _init_batching(self, *, max_chunk: int, prefill_budget: int) -> None:
+    def _init_batching(self, *, max_chunk: int, prefill_budget: int, speculative: Proposer | None = None) -> None:
         self.scheduler = Scheduler(max_chunk=max_chunk, prefill_budget=prefill_budget)
         self._request_ids = itertools.count(1)
+        self._max_drafts = max_chunk - 1                  # a verified decode is one chunk: last token + drafts
+        self.speculative = speculative
+        if speculative is not None:
+            speculative.check(self.model)
+        self._spec_counts = {"speculative_steps": 0, "draft_tokens": 0, "accepted_tokens": 0}
 
     # -- the step primitives this class drives ---------------------------------------------------
     @abc.abstractmethod
@@ -50,7 +56,10 @@ class ContinuousBatching(abc.ABC):
     def match_length(self, tokens) -> int: ...
 
     @abc.abstractmethod
-    def advance(self, feeds, pick=()) -> StepOutput: ...
+    def advance(self, feeds, pick=(), score=()) -> StepOutput: ...
+
+    @abc.abstractmethod
+    def truncate(self, seq: Sequence, length: int) -> None: ...
 
     @abc.abstractmethod
     def check_ids(self, ids, what: str = "ids", seq: Sequence | None = None) -> np.ndarray: ...
@@ -61,10 +70,15 @@ class ContinuousBatching(abc.ABC):
 
     # -- requests --------------------------------------------------------------------------------
     def make_request(self, prompt, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int | None = None,
-                     top_p: float | None = None, seed: int | None = None, stop_ids=(), index: int | None = None
-                     ) -> Request:
-        """A validated Request, not yet queued (enqueue() queues it)."""
+                     top_p: float | None = None, seed: int | None = None, stop_ids=(), index: int | None = None,
+                     speculative: Proposer | str | bool | None = True) -> Request:
+        """A validated Request, not yet queued (enqueue() queues it). speculative: True (the Engine's
+        proposer, if it has one), False/None (none), or "lookup", "draft:PATH", a Proposer."""
         V = self.manifest.vocab_size
+        proposer = self.speculative if speculative is True else None if speculative is False else \
+            proposer_arg(speculative)
+        if proposer is not None and proposer is not self.speculative:
+            proposer.check(self.model)
         sampler = Sampler(temperature, top_k, top_p, seed, vocab=V)
         tok, prompt = encode_prompt(self.model, prompt)
         ids = self.check_ids(prompt, "the prompt")
@@ -72,7 +86,8 @@ class ContinuousBatching(abc.ABC):
         rows_fit(ids.size + max_new_tokens - 1, self.max_seq_len, lambda: (    # the last new token is not fed back
             f"{ids.size} prompt tokens + {max_new_tokens} new tokens",
             f"a sequence of this Engine (max_seq_len={self.max_seq_len})", "shorten the prompt or lower max_new_tokens"))
-        return Request(next(self._request_ids), ids, int(max_new_tokens), sampler, stop, tok, index)
+        return Request(next(self._request_ids), ids, int(max_new_tokens), sampler, stop, tok, index,
+                       Speculation(proposer) if proposer is not None else None)
 
     def enqueue(self, requests) -> None:
         """Queues requests made with make_request(); they run in the next ticks."""
@@ -114,16 +129,43 @@ class ContinuousBatching(abc.ABC):
             for req in sched.admit(self.max_sequences - len(self.live), self.match_length):
                 seq = self.new_sequence()
                 sched.started(req, seq, self.reuse_prefix(seq, req.prompt))
-            plan = sched.schedule()
+            drafts = {req: req.speculation.propose(req.tokens, min(self._max_drafts,
+                                                                   req.max_new_tokens - len(req.output) - 1))
+                      for req in sched.decoding() if req.speculation is not None}
+            plan = sched.schedule(drafts)
             if plan is None:
                 return []
-            out = self.advance({req.seq: ids for req, ids in plan.feeds.items()})
-            tokens = {req: out.next_token(req.seq) if req.sampler.greedy else req.sampler(out.logits(req.seq))
+            out = self.advance({req.seq: ids for req, ids in plan.feeds.items()},
+                               score=[req.seq for req in plan.drafts])
+            tokens = {req: self._verified(req, plan.drafts[req], out) if req in plan.drafts else
+                      [out.next_token(req.seq) if req.sampler.greedy else req.sampler(out.logits(req.seq))]
                       for req in plan.sampling}
             events, finished = sched.update(plan, tokens)
             for req in finished:
                 self.release(req.seq)
             return events
+
+    def _verified(self, req: Request, drafts: np.ndarray, out: StepOutput) -> list[int]:
+        """The new tokens of a request that verified drafts (runtime/speculative.py: accept); the
+        rejected drafts' rows are dropped (O(1))."""
+        seq = req.seq
+        new = accept(drafts, out.next_tokens(seq), None if req.sampler.greedy else out.logits(seq), req.sampler)
+        self.truncate(seq, seq.position - (len(drafts) + 1 - len(new)))
+        req.speculation.verified(len(drafts), len(new) - 1)
+        c = self._spec_counts
+        c["speculative_steps"] += 1
+        c["draft_tokens"] += len(drafts)
+        c["accepted_tokens"] += len(new) - 1
+        return new
+
+    @property
+    def speculation_stats(self) -> dict[str, float]:
+        """Decode steps that verified drafts, drafts proposed and kept, the share kept, and the tokens
+        such a step produced on average (kept drafts + 1)."""
+        c = self._spec_counts
+        steps, drafts, kept = c["speculative_steps"], c["draft_tokens"], c["accepted_tokens"]
+        return {**c, "acceptance_rate": kept / drafts if drafts else 0.0,
+                "tokens_per_speculative_step": (kept + steps) / steps if steps else 0.0}
 
     # -- whole prompts ---------------------------------------------------------------------------
     def generate(self, prompts, max_new_tokens=64, **sampling) -> list:

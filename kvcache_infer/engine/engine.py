@@ -42,6 +42,7 @@ from ..runtime.checks import int_arg, max_seq_len_arg, rows_fit, token_ids
 from ..runtime.metrics import EngineMemoryProfile
 from ..runtime.model import Model, shared_model
 from ..runtime.runs import Chunk, PackedRun
+from ..runtime.speculative import MAX_DRAFTS, Proposer, proposer_arg
 from .prefix_cache import Adoption, PrefixCache
 from .batching import ContinuousBatching
 from .sequence import Nodes, Sequence, TreeSequence
@@ -59,14 +60,18 @@ class Engine(ContinuousBatching):
             (chunked prefill). Each slot carries max_chunk - 1 rows of padding room.
         prefix_cache: retain released sequences and reuse indexed prefixes (token granularity).
         prefill_budget: prompt tokens the request scheduler feeds per step (default max_chunk).
+        speculative: requests' default proposer (None; "lookup": prompt lookup; "draft:PATH": a draft
+            export with the same vocabulary; a runtime.speculative.Proposer): each decode step then
+            also verifies the tokens it guesses, and greedy requests produce the same tokens as without.
         device, device_id, intra_op_threads, session_options: as for Model, when a path is given.
     """
 
     def __init__(self, model: Model | str | Path, *, max_sequences: int = 16, max_seq_len: int | None = None,
                  max_chunk: int = 64, prefix_cache: bool = True, prefill_budget: int | None = None,
                  device: str | None = None, device_id: int = 0, intra_op_threads: int | None = None,
-                 session_options: ort.SessionOptions | None = None):
+                 session_options: ort.SessionOptions | None = None, speculative: Proposer | str | None = None):
         max_sequences = int_arg("max_sequences", max_sequences)
+        speculative = proposer_arg(speculative)
         max_chunk = int_arg("max_chunk", max_chunk)
         model = shared_model(model, device, device_id=device_id, intra_op_threads=intra_op_threads,
                              session_options=session_options)
@@ -84,13 +89,15 @@ class Engine(ContinuousBatching):
         self.capacity = max_seq_len + self.max_chunk - 1          # rows per slot, padding room included
         self.cache = make_cache(m, max_sequences, self.capacity, model.device, model.device_id,
                                 fix="lower max_sequences, max_seq_len or max_chunk")
-        self.runner = PackedRun(model, self.cache, max_chunk=self.max_chunk, max_logits=max(max_sequences, 64))
+        rows = max_sequences * (1 + min(MAX_DRAFTS, self.max_chunk - 1)) if speculative else max_sequences
+        self.runner = PackedRun(model, self.cache, max_chunk=self.max_chunk, max_logits=max(rows, 64))
         self.prefix_cache = PrefixCache(self.cache, prefix_cache)
         self._live: dict[int, Sequence] = {}      # slot -> its live sequence
         self._ids = itertools.count()
         self.lock = threading.RLock()             # held by every engine call (and by a whole tick)
         self._counts = {"sequences": 0, "forks": 0, "runs": 0}
-        self._init_batching(max_chunk=self.max_chunk, prefill_budget=prefill_budget or self.max_chunk)
+        self._init_batching(max_chunk=self.max_chunk, prefill_budget=prefill_budget or self.max_chunk,
+                            speculative=speculative)
 
     # -- sequences -------------------------------------------------------------------------------
     def new_sequence(self) -> Sequence:
@@ -233,23 +240,21 @@ class Engine(ContinuousBatching):
         out = self.advance(feeds)
         return {seq: np.array(out.logits(seq)) for seq in out}
 
-    def advance(self, feeds, pick=()) -> StepOutput:
+    def advance(self, feeds, pick=(), score=()) -> StepOutput:
         """step() without the copies: a StepOutput of views (logits rows, greedy next tokens). pick: the
         Sequences (not trees) that need only their greedy next token: with a graph that has the
         filtered greedy head (export --greedy-head) their logits rows are not computed; their
         StepOutput.logits() raises either way. It pays for one or two picked sequences and costs more
         than it saves for many (the filter's work grows with the rows picked), which is why tick()
         does not pick. A sequence's pick equals its logits' argmax except in float-rounding near-ties,
-        so picking is not bitwise batch invariant across runs that pick and runs that do not."""
+        so picking is not bitwise batch invariant across runs that pick and runs that do not.
+        score: Sequences that get a logits row (and greedy token) for every new token, as trees do
+        (verifying guessed tokens): their StepOutput.logits() is [n, V]."""
         with self.lock:
             items = self._check_feeds(feeds)
-            try:
-                pick = {pick} if isinstance(pick, Sequence) else set(pick)
-            except TypeError:
-                raise InvalidInputError(f"pick takes an iterable of Sequences, got {type(pick).__name__}") from None
-            trees = [s for s in pick if isinstance(s, TreeSequence)]
-            if trees or not pick <= {seq for seq, _, _ in items}:
-                raise InvalidInputError("pick must name Sequences (not TreeSequences) that this step advances")
+            pick, score = self._handles("pick", pick, items), self._handles("score", score, items)
+            if pick & score:
+                raise InvalidInputError("a sequence is in both pick and score; pick gives no logits rows")
             taken: set[int] = set()
             plans = [self._plan_adoption(seq, ids, True, taken) for seq, ids, _ in items]
             pieces = max(-(-(len(ids) - plan.tokens) // self.max_chunk) for (_, ids, _), plan in zip(items, plans))
@@ -261,9 +266,10 @@ class Engine(ContinuousBatching):
                     lo = adopted + j * self.max_chunk
                     if lo < len(ids):
                         hi = min(lo + self.max_chunk, len(ids))
-                        chunks.append(self._chunk(seq, row, ids, parents, lo, hi, seq in pick and hi == len(ids)))
-                        tree = isinstance(seq, TreeSequence)
-                        owners.append((seq, hi - lo if tree else 1, tree or hi == len(ids)))
+                        every = isinstance(seq, TreeSequence) or seq in score
+                        chunks.append(self._chunk(seq, row, ids, parents, lo, hi, seq in pick and hi == len(ids),
+                                                  every))
+                        owners.append((seq, hi - lo if every else 1, every or hi == len(ids)))
                 logits, tokens, picks = self.runner.ragged(chunks, max(c.row for c in chunks) + 1)
                 self._counts["runs"] += 1
                 rows, picked, r, g = {}, {}, 0, 0
@@ -280,21 +286,30 @@ class Engine(ContinuousBatching):
                     if seq in rows:
                         picked[seq] = int(tokens[rows.pop(seq)][-1])
                 if pieces == 1:
-                    result = StepOutput(logits, tokens, rows, picked)
+                    result = StepOutput(logits, tokens, rows, picked, score)
                 else:
                     for seq, sl in rows.items():
                         kept.setdefault(seq, []).append((np.array(logits[sl]), np.array(tokens[sl])))
                     final_picks.update(picked)
             if pieces > 1:
-                result = joined(kept, final_picks, self.manifest.vocab_size)
+                result = joined(kept, final_picks, self.manifest.vocab_size, score)
             self._commit(items, plans)
             return result
 
-    def _chunk(self, seq, row, ids, parents, lo, hi, pick: bool = False) -> Chunk:
+    def _handles(self, what: str, given, items) -> set:
+        try:
+            handles = {given} if isinstance(given, Sequence) else set(given)
+        except TypeError:
+            raise InvalidInputError(f"{what} takes an iterable of Sequences, got {type(given).__name__}") from None
+        if any(isinstance(s, TreeSequence) for s in handles) or not handles <= {seq for seq, _, _ in items}:
+            raise InvalidInputError(f"{what} must name Sequences (not TreeSequences) that this step advances")
+        return handles
+
+    def _chunk(self, seq, row, ids, parents, lo, hi, pick: bool = False, every: bool = False) -> Chunk:
         """Tokens [lo, hi) of a sequence's new ids as one run's chunk (a tree: with positions = depths
-        and its ancestor mask)."""
+        and its ancestor mask); every: a logits row for each token."""
         if not isinstance(seq, TreeSequence):
-            return Chunk(row, ids[lo:hi], seq.position + lo, pick=pick)
+            return Chunk(row, ids[lo:hi], seq.position + lo, all_logits=every, pick=pick)
         depths = seq.new_depths(parents[:hi])[lo:hi]
         anc = seq.ancestors(list(parents[:hi]), seq.position)[lo:hi]       # [hi - lo, position + hi]
         return Chunk(row, ids[lo:hi], seq.position + lo, positions=depths, all_logits=True, ancestors=anc)
@@ -378,9 +393,10 @@ class Engine(ContinuousBatching):
     # -- reporting -------------------------------------------------------------------------------
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: sequences, prefix hits, prefix tokens reused, evictions, forks, runs."""
+        """Counters: sequences, prefix hits, prefix tokens reused, evictions, forks, runs, speculative
+        decode steps, draft tokens verified and accepted."""
         c, p = self._counts, self.prefix_cache.stats
-        return {"sequences": c["sequences"], **p, "forks": c["forks"], "runs": c["runs"]}
+        return {"sequences": c["sequences"], **p, "forks": c["forks"], "runs": c["runs"], **self._spec_counts}
 
     def memory_profile(self) -> EngineMemoryProfile:
         with self.lock:
@@ -396,7 +412,11 @@ class Engine(ContinuousBatching):
                 io_buffer_bytes=self.runner.io_bytes, active_sequences=len(live), total_tokens=sum(live),
                 retained_sequences=len(retained), retained_tokens=sum(retained), bytes_per_token=per_token,
                 prefix_hits=pc.stats["prefix_hits"], prefix_tokens_reused=pc.stats["prefix_tokens_reused"],
-                evictions=pc.stats["evictions"])
+                evictions=pc.stats["evictions"],
+                draft_cache_bytes=sum(r.speculation.drafter.nbytes for r in self.scheduler.running
+                                      if r.speculation is not None),
+                draft_tokens=self._spec_counts["draft_tokens"], accepted_tokens=self._spec_counts["accepted_tokens"],
+                speculative_steps=self._spec_counts["speculative_steps"])
 
     def __repr__(self) -> str:
         return (f"Engine(max_sequences={self.max_sequences}, max_seq_len={self.max_seq_len}, live={len(self._live)}, "

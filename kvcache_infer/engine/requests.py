@@ -7,6 +7,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..runtime.generation import Sampler
+from ..runtime.speculative import Speculation
 from .sequence import Sequence
 
 
@@ -14,7 +15,7 @@ class Request:
     """One generation request: its prompt, sampling, progress and timings (perf_counter seconds)."""
 
     def __init__(self, req_id: int, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler, stop: frozenset,
-                 tokenizer=None, index: int | None = None):
+                 tokenizer=None, index: int | None = None, speculation: Speculation | None = None):
         self.id, self.index = req_id, index
         self.prompt, self.max_new_tokens, self.sampler, self.stop = prompt, max_new_tokens, sampler, stop
         self.tokenizer = tokenizer
@@ -27,9 +28,17 @@ class Request:
         self.submitted_at = time.perf_counter()
         self.admitted_at: float | None = None
         self.token_times: list[float] = []
+        self.speculation = speculation   # drafts verified in each decode step (None: one token per step)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The prompt and the generated tokens, [L] int64."""
+        return np.concatenate([self.prompt, np.asarray(self.output, np.int64)])
 
     def finish(self, reason: str) -> None:
         self.done, self.finish_reason = True, reason
+        if self.speculation is not None:
+            self.speculation.close()
 
     @property
     def text(self) -> str | None:

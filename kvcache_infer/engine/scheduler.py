@@ -33,10 +33,12 @@ from .sequence import Sequence
 
 
 class Plan(NamedTuple):
-    """One step: the ids each request's sequence runs, and which requests get a token from it."""
+    """One step: the ids each request's sequence runs, and which requests get tokens from it."""
     feeds: dict[Request, np.ndarray]      # in run order: decodes first, then prompt chunks
     prefill: dict[Request, int]           # prompt tokens fed per request in prefill
-    sampling: list[Request]               # requests whose run gives their next token
+    sampling: list[Request]               # requests whose run gives their next token(s)
+    drafts: dict[Request, np.ndarray]     # decoding requests that also verify guessed tokens (fed after
+                                          # their last token; every fed token gets a logits row)
 
 
 class Scheduler:
@@ -110,13 +112,19 @@ class Scheduler:
         req.admitted_at = time.perf_counter()
         self.running.append(req)
 
-    def schedule(self) -> Plan | None:
-        """This step's feeds (None: nothing to run)."""
+    def decoding(self) -> list[Request]:
+        """Running requests past their prompt (each decodes one token, or verifies drafts, per step)."""
+        return [r for r in self.running if r.fed == r.prompt.size]
+
+    def schedule(self, drafts: dict[Request, np.ndarray] | None = None) -> Plan | None:
+        """This step's feeds (None: nothing to run). drafts: guessed tokens to verify after a decoding
+        request's last token (at most max_new_tokens - 1 - generated of them, and max_chunk - 1)."""
         feeds: dict[Request, np.ndarray] = {}
         prefill: dict[Request, int] = {}
-        for req in self.running:                         # decode first
-            if req.fed == req.prompt.size:
-                feeds[req] = np.array([req.output[-1]], dtype=np.int64)
+        drafts = {r: d for r, d in (drafts or {}).items() if len(d)}
+        for req in self.decoding():                      # decode first
+            last = np.array([req.output[-1]], dtype=np.int64)
+            feeds[req] = np.concatenate([last, drafts[req]]) if req in drafts else last
         budget = self.prefill_budget
         for req in self.running:                         # then prompt chunks, in admission order
             if req.fed < req.prompt.size:
@@ -131,24 +139,24 @@ class Scheduler:
         if not feeds:
             return None
         sampling = [r for r in feeds if r not in prefill or r.fed + prefill[r] == r.prompt.size]
-        return Plan(feeds, prefill, sampling)
+        return Plan(feeds, prefill, sampling, {r: d for r, d in drafts.items() if r in feeds})
 
-    def update(self, plan: Plan, tokens: dict[Request, int]) -> tuple[list[tuple[Request, int]], list[Request]]:
-        """After the plan ran: prompt progress and each sampled token. Returns ([(request, token)] in
-        admission order, the requests that finished: their sequences are the caller's to release)."""
+    def update(self, plan: Plan, tokens: dict[Request, list[int]]) -> tuple[list[tuple[Request, int]], list[Request]]:
+        """After the plan ran: prompt progress and each request's new tokens (one, or the kept drafts
+        and one more). Returns ([(request, token)] in admission order, the requests that finished:
+        their sequences are the caller's to release)."""
         now = time.perf_counter()
         events, finished = [], []
         for req in [r for r in self.running if r in plan.feeds]:      # admission order
             req.fed += plan.prefill.get(req, 0)
-            if req not in tokens:
-                continue
-            token = tokens[req]
-            req.output.append(token)
-            req.token_times.append(now)
-            events.append((req, token))
-            if token in req.stop or len(req.output) == req.max_new_tokens:
-                self._finish(req, "stop" if token in req.stop else "length")
-                finished.append(req)
+            for token in tokens.get(req, ()):
+                req.output.append(token)
+                req.token_times.append(now)
+                events.append((req, token))
+                if token in req.stop or len(req.output) == req.max_new_tokens:
+                    self._finish(req, "stop" if token in req.stop else "length")
+                    finished.append(req)
+                    break
         return events, finished
 
     def _finish(self, req: Request, reason: str) -> None:

@@ -31,6 +31,11 @@ class Sampler:
     def __call__(self, logits: np.ndarray) -> int:
         if self.greedy:
             return int(logits.argmax())
+        return self.draw(*self.distribution(logits))
+
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids [n], their probabilities [n] float64, summing to 1): the tokens this sampler can
+        draw from a logits row (temperature > 0)."""
         x = logits.astype(np.float64) / self.temperature
         idx = np.argpartition(-x, self.top_k - 1)[: self.top_k] if self.top_k else np.arange(x.size)
         p = np.exp(x[idx] - x[idx].max())
@@ -39,6 +44,10 @@ class Sampler:
             order = np.argsort(-p, kind="stable")
             keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]
             idx, p = idx[keep], p[keep] / p[keep].sum()
+        return idx, p
+
+    def draw(self, idx: np.ndarray, p: np.ndarray) -> int:
+        """One token of idx with probabilities p (one uniform draw of this sampler's generator)."""
         return int(idx[min(int(np.searchsorted(np.cumsum(p), self.rng.random(), side="right")), idx.size - 1)])
 
 

@@ -139,6 +139,20 @@ class EngineMemoryProfile:
     prefix_hits: int                # sequences that adopted an indexed prefix
     prefix_tokens_reused: int       # tokens adopted instead of computed
     evictions: int                  # retained sequences dropped to make room
+    draft_cache_bytes: int = 0      # draft models' caches of the running requests (speculative="draft:...")
+    draft_tokens: int = 0           # tokens proposed and verified (speculative decoding)
+    accepted_tokens: int = 0        # of those, kept
+    speculative_steps: int = 0      # decode steps that verified drafts
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def tokens_per_speculative_step(self) -> float:
+        """Tokens a step that verified drafts produced on average (the kept drafts and one more)."""
+        s = self.speculative_steps
+        return (self.accepted_tokens + s) / s if s else 0.0
 
     @property
     def free_bytes(self) -> int:
@@ -173,4 +187,7 @@ class EngineMemoryProfile:
             f"  I/O buffers      : {self.io_buffer_bytes / mib:10.2f} MiB",
             f"  prefix cache     : {self.prefix_hits} hits, {self.prefix_tokens_reused} tokens reused, "
             f"{self.evictions} evictions",
-        ])
+        ] + ([f"  speculative      : {self.speculative_steps} steps, {self.accepted_tokens} of {self.draft_tokens} "
+              f"drafts kept ({100 * self.acceptance_rate:.1f}%), {self.tokens_per_speculative_step:.2f} tokens/step, "
+              f"draft caches {self.draft_cache_bytes / mib:.2f} MiB"] if self.speculative_steps or
+             self.draft_cache_bytes else []))

@@ -108,6 +108,11 @@ ENGINE_METRICS = (
     ("kvcache_sequences", "Sequences started", "counter"),
     ("kvcache_prefix_cache_hit_ratio", "Prefix-cache hits / sequences started", "gauge"),
     ("kvcache_prefix_cache_evictions", "Retained sequences evicted", "counter"),
+    ("kvcache_speculative_steps", "Decode steps that verified guessed tokens (--speculative)", "counter"),
+    ("kvcache_draft_tokens", "Guessed tokens verified", "counter"),
+    ("kvcache_draft_tokens_accepted", "Guessed tokens kept", "counter"),
+    ("kvcache_draft_acceptance_ratio", "Guessed tokens kept / verified", "gauge"),
+    ("kvcache_tokens_per_speculative_step", "Tokens a step that verified guesses produced, on average", "gauge"),
 )
 
 
@@ -117,7 +122,8 @@ def engine_snapshot(engine: Engine) -> dict[str, float]:
     started = engine.stats["sequences"]
     values = (engine.waiting_requests, engine.running_requests, p.total_bytes, p.used_bytes, p.retained_bytes,
               p.occupied_slots / p.slots, p.fragmentation_ratio, p.prefix_hits, p.prefix_tokens_reused,
-              started, p.prefix_hits / started if started else 0.0, p.evictions)
+              started, p.prefix_hits / started if started else 0.0, p.evictions, p.speculative_steps, p.draft_tokens,
+              p.accepted_tokens, p.acceptance_rate, p.tokens_per_speculative_step)
     return {name: float(v) for (name, _, _), v in zip(ENGINE_METRICS, values)}
 
 

@@ -57,6 +57,7 @@ class ReplicaOptions:
     prefix_cache: bool = True
     threads: int | None = None
     max_queue: int = 256
+    speculative: str | None = None      # "lookup" or "draft:PATH"
 
 
 class EngineReplica:
@@ -65,7 +66,8 @@ class EngineReplica:
     def __init__(self, options: dict):
         o = ReplicaOptions(**options)
         self.engine = Engine(o.model, max_sequences=o.max_sequences, max_seq_len=o.max_seq_len,
-                             max_chunk=o.max_chunk, prefix_cache=o.prefix_cache, intra_op_threads=o.threads)
+                             max_chunk=o.max_chunk, prefix_cache=o.prefix_cache, intra_op_threads=o.threads,
+                             speculative=o.speculative)
         self.model = ServedModel.of(self.engine, o.name)
         self.worker = EngineWorker(self.engine, o.max_queue)
         self.worker.start()

@@ -1,0 +1,177 @@
+"""Speculative decoding against plain one-sequence decoding: generated tokens per second, greedy.
+
+    python -m benchmarks.speculative [--cases pybytes:code-edit gpt2:random ...] [--rounds 3] [--publish]
+
+Workloads (each prompt decoded alone, greedy, every mode in its own process, rounds rotated):
+    code-edit   the default model (pybytes, 256 positions): small functions of the standard library's
+                held-out files (the ones its training left out), each prompt holding most of its answer:
+                the function, then a comment asking for it again / with a parameter renamed / with a
+                literal changed, then its first line as it would be written; max_new_tokens: the rest of
+                the expected text. Reports how many greedy outputs begin with the expected text.
+    random      random prompt ids (64) and 128 new tokens: GPT-2 small with random weights.
+Modes:
+    plain       KVCacheInferencer.generate (the fastest plain path: the graph's greedy pick)
+    lookup      KVCacheInferencer.generate(speculative="lookup")
+    engine      Engine.generate([prompt], speculative="lookup"), one request
+    wrong       a proposer whose every guess is wrong: what AdaptiveLength costs at acceptance 0
+Counts generated tokens only; one untimed prompt first. JSON under benchmarks/out/ (benchmarks/results/
+with --publish).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import environment
+from .isolate import emit, out_dir, run_rounds, spread
+
+MODELS = {"pybytes": "pybytes", "gpt2": "models/gpt2", "gpt2-int4": "models/gpt2-int4"}
+MODES = ("plain", "lookup", "engine", "wrong")
+
+
+def code_edit_prompts(limit: int = 24, positions: int = 256) -> list[tuple[str, str]]:
+    """(prompt, expected continuation) pairs from held-out standard-library functions (deterministic)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)[::20]   # the held-out files
+    funcs = []
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        for m in re.finditer(r"^def [a-z_]+\((\w+)[^)]*\):\n(?:    .*\n){1,4}", text, re.M):
+            body = m.group(0)
+            if 70 <= len(body) <= 130 and body.isascii() and len(m.group(1)) > 1:
+                funcs.append((body, m.group(1)))
+    out = []
+    for i, (body, arg) in enumerate(funcs[: limit]):
+        first, rest = body.split("\n", 1)
+        kind = i % 3
+        if kind == 0:
+            prompt, want = f"{body}\n# the same function again:\n{first}\n", rest
+        elif kind == 1:
+            new = arg + "_"
+            renamed = re.sub(rf"\b{arg}\b", new, body)
+            first_r, rest_r = renamed.split("\n", 1)
+            prompt, want = f"{body}\n# with {arg} renamed to {new}:\n{first_r}\n", rest_r
+        else:
+            changed = body.replace("def ", "def new_", 1)
+            first_c, rest_c = changed.split("\n", 1)
+            prompt, want = f"{body}\n# a copy named new_...:\n{first_c}\n", rest_c
+        if len(prompt) + len(want) + 2 <= positions:
+            out.append((prompt, want))
+    return out
+
+
+def wrong_proposer(vocab: int):
+    """Guesses each of the last k tokens plus one: almost never right (acceptance ~0)."""
+    from kvcache_infer.runtime.speculative import Drafter, Proposer
+
+    class Wrong(Proposer, Drafter):
+        name = "wrong"
+
+        def drafter(self):
+            return self
+
+        def propose(self, tokens, k):
+            return (tokens[-k:] + 1) % vocab if k else tokens[:0]
+    return Wrong()
+
+
+def worker(a) -> None:
+    from kvcache_infer import Engine, KVCacheInferencer, Model
+    model = Model(MODELS[a.model], intra_op_threads=a.threads)
+    m = model.manifest
+    if a.workload == "code-edit":
+        pairs = code_edit_prompts()
+        tok = model.tokenizer
+        prompts = [np.array(tok.encode(p).ids, np.int64) for p, _ in pairs]
+        wants = [tok.encode(w).ids for _, w in pairs]
+    else:
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(0, m.vocab_size, 64) for _ in range(a.prompts)]
+        wants = [[0] * 128 for _ in prompts]
+    spec = {"plain": None, "lookup": "lookup", "engine": "lookup", "wrong": wrong_proposer(m.vocab_size)}[a.mode]
+    if a.mode == "engine":
+        eng = Engine(model, max_sequences=1, max_seq_len=m.max_positions)
+        run = lambda p, n: eng.generate([p], n, speculative="lookup")[0]      # noqa: E731
+    else:
+        inf = KVCacheInferencer(model, max_seq_len=m.max_positions)
+
+        def run(p, n):
+            inf.reset_cache()
+            return inf.generate(p, n, speculative=spec)
+    run(prompts[0], len(wants[0]))                       # warm-up, untimed
+    tokens, seconds, copied, outputs = 0, 0.0, 0, []
+    for p, w in zip(prompts, wants):
+        t0 = time.perf_counter()
+        out = run(p, len(w))
+        seconds += time.perf_counter() - t0
+        tokens += len(out)
+        copied += out[:len(w)] == list(w)
+        outputs.append(out)
+    stats = eng.speculation_stats if a.mode == "engine" else inf.speculation_stats
+    emit({"model": a.model, "workload": a.workload, "mode": a.mode, "tokens": tokens, "seconds": seconds,
+          "tokens_per_s": tokens / seconds, "prompts": len(prompts), "copied": copied, "speculation": stats,
+          "outputs_hash": hashlib.sha1(json.dumps(outputs).encode()).hexdigest(),
+          "weights": m.weights or m.dtype, "environment": environment(a.threads)})
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="+", default=["pybytes:code-edit", "gpt2:random", "gpt2-int4:random"],
+                    help="MODEL:WORKLOAD pairs (models: %s)" % ", ".join(MODELS))
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=4, help="random workload: prompts (default 4)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--publish", action="store_true")
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--workload", default=None)
+    ap.add_argument("--mode", default=None)
+    a = ap.parse_args(argv)
+    if a.worker:
+        return worker(a)
+    cases = {}
+    for c in a.cases:
+        model, workload = c.split(":")
+        for mode in a.modes:
+            cases[f"{model} {workload} {mode}"] = ["--model", model, "--workload", workload, "--mode", mode,
+                                                   "--threads", str(a.threads), "--prompts", str(a.prompts)]
+    res = run_rounds("benchmarks.speculative", cases, a.rounds, timeout=1800)
+    rows = []
+    for name, runs in res.items():
+        ok = [r for r in runs if "failed" not in r]
+        if not ok:
+            print(f"{name}: did not run: {runs[0]['failed']}")
+            continue
+        s = spread([r["tokens_per_s"] for r in ok])
+        r0 = ok[0]
+        rows.append({"case": name, "model": r0["model"], "workload": r0["workload"], "mode": r0["mode"],
+                     "tokens_per_s": s, "prompts": r0["prompts"], "copied": r0["copied"],
+                     "speculation": r0["speculation"], "same_outputs_as_plain": None,
+                     "outputs_hash": r0["outputs_hash"]})
+    for r in rows:
+        plain = next((p for p in rows if p["model"] == r["model"] and p["workload"] == r["workload"]
+                      and p["mode"] == "plain"), None)
+        if plain is not None:
+            r["speedup"] = r["tokens_per_s"]["median"] / plain["tokens_per_s"]["median"]
+            r["same_outputs_as_plain"] = r["outputs_hash"] == plain["outputs_hash"]
+        sp = r["speculation"]
+        print(f"{r['case']:>28}: {r['tokens_per_s']['median']:8.1f} tokens/s ({r['tokens_per_s']['min']:.1f}-"
+              f"{r['tokens_per_s']['max']:.1f}), x{r.get('speedup', float('nan')):.2f} plain, kept "
+              f"{sp['acceptance_rate']:.2f} of drafts, {sp['tokens_per_speculative_step']:.2f} tokens/step, "
+              f"outputs {'equal plain' if r['same_outputs_as_plain'] else 'DIFFER from plain'}, "
+              f"{r['copied']}/{r['prompts']} begin with the expected text")
+    path = out_dir(a.publish) / "speculative_cpu.json"
+    path.write_text(json.dumps({"environment": environment(a.threads), "rows": rows, "raw": res}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
