@@ -177,6 +177,27 @@ def _http_ray() -> str:
     return "\n".join(lines) + "\n"
 
 
+SPEC_MODES = {"plain": "plain decoding (KVCacheInferencer.generate)", "lookup": "prompt lookup (inferencer)",
+              "engine": "prompt lookup (Engine, one request)", "wrong": "every guess wrong (acceptance 0)"}
+
+
+def _speculative() -> str:
+    r = _load("speculative_cpu")
+    lines = ["| model / workload | decoding | tokens/s | x plain | guesses kept | tokens per verifying step | "
+             "greedy tokens equal plain | outputs beginning with the expected text |", "|---" * 8 + "|"]
+    for row in r["rows"]:
+        sp = row["speculation"]
+        verified = sp["speculative_steps"] > 0
+        lines.append(f"| {row['model']} / {row['workload']} | {SPEC_MODES.get(row['mode'], row['mode'])} | "
+                     f"{_r(row['tokens_per_s'])} | {row.get('speedup', float('nan')):.2f} | "
+                     + (f"{100 * sp['acceptance_rate']:.0f}% | {sp['tokens_per_speculative_step']:.2f} | "
+                        if verified else "- | - | ")
+                     + (f"{row['requests_equal_plain']} of {row['prompts']} requests | " if "requests_equal_plain" in row
+                        else f"{'yes' if row['same_outputs_as_plain'] else 'no'} | ")
+                     + (f"{row['copied']} of {row['prompts']} |" if row["workload"] == "code-edit" else "- |"))
+    return "\n".join(lines) + "\n"
+
+
 # NAME: what goes between <!-- generated: NAME ... --> and <!-- end generated: NAME -->
 BLOCKS = {
     "leaders": lambda: _leaders("leaders_gpt2_cpu"),
@@ -193,6 +214,7 @@ BLOCKS = {
     "engine-step": _engine_step,
     "http-load": _http_load,
     "http-ray": _http_ray,
+    "speculative": _speculative,
 }
 
 

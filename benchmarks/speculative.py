@@ -9,11 +9,16 @@ Workloads (each prompt decoded alone, greedy, every mode in its own process, rou
                 literal changed, then its first line as it would be written; max_new_tokens: the rest of
                 the expected text. Reports how many greedy outputs begin with the expected text.
     random      random prompt ids (64) and 128 new tokens: GPT-2 small with random weights.
+    serving     benchmarks.serving's 48 requests submitted at once to an Engine of 16 slots (continuous
+                batching): modes plain and engine only; counts the requests whose tokens equal plain's.
 Modes:
     plain       KVCacheInferencer.generate (the fastest plain path: the graph's greedy pick)
     lookup      KVCacheInferencer.generate(speculative="lookup")
     engine      Engine.generate([prompt], speculative="lookup"), one request
     wrong       a proposer whose every guess is wrong: what AdaptiveLength costs at acceptance 0
+    ov-plain, ov-lookup   OpenVINO GenAI's LLMPipeline on the same checkpoint (models/peers/MODEL-ov-fp32,
+                `optimum-cli export openvino`), plain and with its prompt lookup (num_assistant_tokens 5,
+                max_ngram_size 3), the same token ids in, EOS ignored; run in .venv-peers
 Counts generated tokens only; one untimed prompt first. JSON under benchmarks/out/ (benchmarks/results/
 with --publish).
 """
@@ -30,10 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from .common import environment
-from .isolate import emit, out_dir, run_rounds, spread
+from .isolate import Case, emit, out_dir, run_rounds, spread
 
 MODELS = {"pybytes": "pybytes", "gpt2": "models/gpt2", "gpt2-int4": "models/gpt2-int4"}
 MODES = ("plain", "lookup", "engine", "wrong")
+OV_MODES = ("ov-plain", "ov-lookup")
+REPO = Path(__file__).resolve().parent.parent
+PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
 
 
 def code_edit_prompts(limit: int = 24, positions: int = 256) -> list[tuple[str, str]]:
@@ -82,15 +90,56 @@ def wrong_proposer(vocab: int):
     return Wrong()
 
 
+def prompts_and_answers(tokenize) -> tuple[list[np.ndarray], list[list[int]]]:
+    pairs = code_edit_prompts()
+    return [np.array(tokenize(p), np.int64) for p, _ in pairs], [tokenize(w) for _, w in pairs]
+
+
+def ov_worker(a) -> None:
+    """OpenVINO GenAI (in .venv-peers): LLMPipeline, plain or with prompt lookup, on the code-edit workload."""
+    import openvino as ov
+    import openvino_genai as g
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(REPO / "kvcache_infer" / "models" / a.model / "tokenizer.json"))
+    prompts, wants = prompts_and_answers(lambda t: tok.encode(t).ids)
+    lookup = a.mode == "ov-lookup"
+    pipe = g.LLMPipeline(str(REPO / "models" / "peers" / f"{a.model}-ov-fp32"), "CPU",
+                         **({"prompt_lookup": True} if lookup else {}), INFERENCE_NUM_THREADS=a.threads)
+
+    def run(p, n):
+        cfg = g.GenerationConfig(max_new_tokens=n, ignore_eos=True, do_sample=False)
+        if lookup:
+            cfg.num_assistant_tokens, cfg.max_ngram_size = 5, 3
+        ids = ov.Tensor(p[None].astype(np.int64))
+        mask = ov.Tensor(np.ones_like(p[None], dtype=np.int64))
+        return [int(t) for t in pipe.generate(g.TokenizedInputs(ids, mask), cfg).tokens[0]]
+    run(prompts[0], len(wants[0]))
+    tokens, seconds, copied, outputs = 0, 0.0, 0, []
+    for p, w in zip(prompts, wants):
+        t0 = time.perf_counter()
+        out = run(p, len(w))
+        seconds += time.perf_counter() - t0
+        tokens += len(out)
+        copied += out[:len(w)] == list(w)
+        outputs.append(out)
+    none = {"speculative_steps": 0, "draft_tokens": 0, "accepted_tokens": 0, "acceptance_rate": 0.0,
+            "tokens_per_speculative_step": 0.0}
+    emit({"model": a.model, "workload": a.workload, "mode": a.mode, "tokens": tokens, "seconds": seconds,
+          "tokens_per_s": tokens / seconds, "prompts": len(prompts), "copied": copied, "speculation": none,
+          "outputs_hash": hashlib.sha1(json.dumps(outputs).encode()).hexdigest(), "weights": "fp32 (OpenVINO IR)",
+          "versions": {"openvino": ov.__version__, "openvino_genai": g.__version__}, "threads": a.threads})
+
+
 def worker(a) -> None:
+    if a.mode in OV_MODES:
+        return ov_worker(a)
     from kvcache_infer import Engine, KVCacheInferencer, Model
     model = Model(MODELS[a.model], intra_op_threads=a.threads)
     m = model.manifest
+    if a.workload == "serving":
+        return serving_worker(a, model)
     if a.workload == "code-edit":
-        pairs = code_edit_prompts()
-        tok = model.tokenizer
-        prompts = [np.array(tok.encode(p).ids, np.int64) for p, _ in pairs]
-        wants = [tok.encode(w).ids for _, w in pairs]
+        prompts, wants = prompts_and_answers(lambda t: model.tokenizer.encode(t).ids)
     else:
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, m.vocab_size, 64) for _ in range(a.prompts)]
@@ -121,11 +170,29 @@ def worker(a) -> None:
           "weights": m.weights or m.dtype, "environment": environment(a.threads)})
 
 
+def serving_worker(a, model) -> None:
+    from kvcache_infer import Engine
+
+    from .serving import workload
+    reqs = workload(48, model.manifest.vocab_size, 0, "all", 1.0)
+    eng = Engine(model, max_sequences=16, max_seq_len=512, speculative="lookup" if a.mode == "engine" else None)
+    eng.generate([r["prompt"][:16] for r in reqs[:4]], max_new_tokens=8)          # warm-up, untimed
+    t0 = time.perf_counter()
+    outs = eng.generate([r["prompt"] for r in reqs], [r["out"] for r in reqs])
+    seconds = time.perf_counter() - t0
+    tokens = sum(map(len, outs))
+    emit({"model": a.model, "workload": "serving", "mode": a.mode, "tokens": tokens, "seconds": seconds,
+          "tokens_per_s": tokens / seconds, "prompts": len(reqs), "copied": 0, "speculation": eng.speculation_stats,
+          "outputs": outs, "outputs_hash": hashlib.sha1(json.dumps(outs).encode()).hexdigest(),
+          "weights": model.manifest.weights or model.manifest.dtype, "environment": environment(a.threads)})
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=["pybytes:code-edit", "gpt2:random", "gpt2-int4:random"],
                     help="MODEL:WORKLOAD pairs (models: %s)" % ", ".join(MODELS))
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + OV_MODES,
+                    help="ov-plain / ov-lookup need `bash scripts/setup_peers.sh` and the model's OpenVINO IR")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=4, help="random workload: prompts (default 4)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -141,8 +208,12 @@ def main(argv=None) -> None:
     for c in a.cases:
         model, workload = c.split(":")
         for mode in a.modes:
-            cases[f"{model} {workload} {mode}"] = ["--model", model, "--workload", workload, "--mode", mode,
-                                                   "--threads", str(a.threads), "--prompts", str(a.prompts)]
+            if workload == "serving" and mode not in ("plain", "engine"):
+                continue
+            args = ["--model", model, "--workload", workload, "--mode", mode, "--threads", str(a.threads),
+                    "--prompts", str(a.prompts)]
+            cases[f"{model} {workload} {mode}"] = Case(str(PEERS_PYTHON), "benchmarks.speculative", args) \
+                if mode in OV_MODES else args
     res = run_rounds("benchmarks.speculative", cases, a.rounds, timeout=1800)
     rows = []
     for name, runs in res.items():
@@ -162,12 +233,19 @@ def main(argv=None) -> None:
         if plain is not None:
             r["speedup"] = r["tokens_per_s"]["median"] / plain["tokens_per_s"]["median"]
             r["same_outputs_as_plain"] = r["outputs_hash"] == plain["outputs_hash"]
+            if r["workload"] == "serving":      # requests whose tokens equal plain decoding's
+                mine = next(x for x in res[r["case"]] if "failed" not in x)["outputs"]
+                ref = next(x for x in res[plain["case"]] if "failed" not in x)["outputs"]
+                r["requests_equal_plain"] = sum(x == y for x, y in zip(mine, ref))
         sp = r["speculation"]
         print(f"{r['case']:>28}: {r['tokens_per_s']['median']:8.1f} tokens/s ({r['tokens_per_s']['min']:.1f}-"
               f"{r['tokens_per_s']['max']:.1f}), x{r.get('speedup', float('nan')):.2f} plain, kept "
               f"{sp['acceptance_rate']:.2f} of drafts, {sp['tokens_per_speculative_step']:.2f} tokens/step, "
               f"outputs {'equal plain' if r['same_outputs_as_plain'] else 'DIFFER from plain'}, "
               f"{r['copied']}/{r['prompts']} begin with the expected text")
+    for runs in res.values():                  # the outputs were compared above; the hashes stay
+        for x in runs:
+            x.pop("outputs", None)
     path = out_dir(a.publish) / "speculative_cpu.json"
     path.write_text(json.dumps({"environment": environment(a.threads), "rows": rows, "raw": res}, indent=2) + "\n")
     print(f"wrote {path}")

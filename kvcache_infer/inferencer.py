@@ -147,7 +147,8 @@ class KVCacheInferencer:
             made = 1
             yield tokens[-1]
             while tokens[-1] not in stop and made < max_new_tokens:
-                drafts = spec.propose(np.asarray(tokens, np.int64), max_new_tokens - made - 1)
+                k = spec.next_length(max_new_tokens - made - 1)
+                drafts = spec.propose(np.asarray(tokens, np.int64), k) if k else ()
                 if not len(drafts):
                     new = [int(step(np.array(tokens[-1:], np.int64)))]
                 else:

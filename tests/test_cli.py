@@ -36,6 +36,17 @@ def test_generate_ids_streams_and_reports_latency(exported, capsys):
     assert [int(x) for x in out.split()] == KVCacheInferencer(exported["tiny-a"]).generate([1, 2, 3], 12)
 
 
+def test_generate_speculative_lookup_prints_the_plain_greedy_tokens(exported, capsys):
+    ids = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+    code, out, err = run(["generate", "--model", str(exported["tiny-a"]), "--ids", ",".join(map(str, ids)),
+                          "--max-new-tokens", "30", "--temperature", "0", "--speculative", "lookup"], capsys)
+    from kvcache_infer import KVCacheInferencer
+    assert code == 0 and [int(x) for x in out.split()] == KVCacheInferencer(exported["tiny-a"]).generate(ids, 30)
+    code, out, err = run(["generate", "--model", str(exported["tiny-a"]), "--ids", "1", "--speculative",
+                          "draft:/no/such/model"], capsys)
+    assert code == 2 and "does not exist" in err
+
+
 def test_bench_profile_info(exported, capsys, tmp_path):
     d = str(exported["tiny-a"])
     code, out, _ = run(["bench", "--model", d, "--positions", "16", "64", "--steps", "4", "--repeats", "1",

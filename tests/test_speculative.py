@@ -177,3 +177,15 @@ def test_bad_speculative_arguments(exported, tmp_path):
         Engine(exported["tiny-a"], speculative=f"draft:{exported['tiny-b']}")
     with pytest.raises(InvalidInputError, match="vocabulary"):
         inf.generate([1, 2, 3], 5, speculative=f"draft:{exported['tiny-b']}")
+
+
+def test_inferencer_sampling_with_drafts_keeps_length_and_position(exported, rng):
+    inf = KVCacheInferencer(exported["tiny-a"])
+    prompt = _repetitive(rng, 1000)
+    plain = inf.generate(prompt, 20)
+    for seed in range(3):
+        inf.reset_cache()
+        got = inf.generate(prompt, 20, temperature=0.8, seed=seed, speculative=Corrupted(plain, len(prompt), 2, 1000))
+        assert len(got) == 20 and all(0 <= t < 1000 for t in got)
+        assert inf.position == len(prompt) + 19
+    assert inf.speculation_stats["speculative_steps"] > 0

@@ -58,6 +58,12 @@ def encode(tok, texts: list[str]) -> np.ndarray:
     return np.asarray(ids, np.uint16)
 
 
+def hf_tokenizer(tok, ctx: int):
+    """The BPE as a transformers tokenizer (what converters such as optimum-cli load from a checkpoint)."""
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, model_max_length=ctx)
+
+
 def bits_per_byte(model, tok, data: np.ndarray, ctx: int, windows: int, seed: int = 1) -> float:
     """Summed cross-entropy (bits) of fixed random windows of `data` / the bytes their tokens decode to."""
     import torch
@@ -135,7 +141,7 @@ def main() -> None:
     model.eval()
     ckpt = a.out.with_name(a.out.name + "-hf")       # the PyTorch checkpoint (git-ignored): re-export needs no retraining
     model.save_pretrained(ckpt)
-    tok.save(str(ckpt / "tokenizer.json"))
+    hf_tokenizer(tok, a.ctx).save_pretrained(ckpt)     # tokenizer.json + tokenizer_config.json (for the peers)
     export_model(model, a.out, source={"kind": "trained", "script": "training/train_bpe_gpt2.py",
                                       **{k: str(v) for k, v in vars(a).items()}, "checkpoint": str(ckpt)},
                  tokenizer_dir=ckpt, log=lambda s: print(s, flush=True))

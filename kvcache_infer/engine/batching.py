@@ -129,10 +129,7 @@ class ContinuousBatching(abc.ABC):
             for req in sched.admit(self.max_sequences - len(self.live), self.match_length):
                 seq = self.new_sequence()
                 sched.started(req, seq, self.reuse_prefix(seq, req.prompt))
-            drafts = {req: req.speculation.propose(req.tokens, min(self._max_drafts,
-                                                                   req.max_new_tokens - len(req.output) - 1))
-                      for req in sched.decoding() if req.speculation is not None}
-            plan = sched.schedule(drafts)
+            plan = sched.schedule(self._drafts(sched.decoding()))
             if plan is None:
                 return []
             out = self.advance({req.seq: ids for req, ids in plan.feeds.items()},
@@ -144,6 +141,16 @@ class ContinuousBatching(abc.ABC):
             for req in finished:
                 self.release(req.seq)
             return events
+
+    def _drafts(self, decoding: list[Request]) -> dict[Request, np.ndarray]:
+        """Guessed tokens for this step's decoding requests that speculate (runtime/speculative.py)."""
+        drafts = {}
+        for req in decoding:
+            if req.speculation is not None:
+                k = req.speculation.next_length(min(self._max_drafts, req.max_new_tokens - len(req.output) - 1))
+                if k:
+                    drafts[req] = req.speculation.propose(req.tokens, k)
+        return drafts
 
     def _verified(self, req: Request, drafts: np.ndarray, out: StepOutput) -> list[int]:
         """The new tokens of a request that verified drafts (runtime/speculative.py: accept); the

@@ -23,7 +23,9 @@ pay, with a probe now and then).
 from __future__ import annotations
 
 import abc
+import functools
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -201,10 +203,13 @@ class Speculation:
         self.drafter, self.length = proposer.drafter(), AdaptiveLength()
         self.proposed = self.kept = self.runs = 0
 
-    def propose(self, tokens: np.ndarray, limit: int) -> np.ndarray:
-        """Drafts to verify after `tokens` (at most `limit`; none when guessing does not pay now)."""
-        k = min(self.length.length(), limit)
-        return self.drafter.propose(tokens, k) if k > 0 else tokens[:0]
+    def next_length(self, limit: int) -> int:
+        """How many tokens to guess in the next step (at most `limit`; 0: decode plainly)."""
+        return max(0, min(self.length.length(), limit))
+
+    def propose(self, tokens: np.ndarray, k: int) -> np.ndarray:
+        """Up to k drafts to verify after `tokens` (the whole sequence so far)."""
+        return self.drafter.propose(tokens, k)
 
     def verified(self, proposed: int, kept: int) -> None:
         self.length.update(proposed, kept)
@@ -214,6 +219,12 @@ class Speculation:
         self.drafter.close()
 
 
+@functools.lru_cache(maxsize=4)
+def _draft(path: str) -> DraftModel:
+    """One loaded draft per path: requests naming the same draft share its (immutable) Model."""
+    return DraftModel(path)
+
+
 def proposer_arg(value, what: str = "speculative") -> Proposer | None:
     """A Proposer from what a caller gives: None, a Proposer, "lookup", or "draft:PATH" (a draft export)."""
     if value is None or isinstance(value, Proposer):
@@ -221,7 +232,7 @@ def proposer_arg(value, what: str = "speculative") -> Proposer | None:
     if value == "lookup":
         return PromptLookup()
     if isinstance(value, str) and value.startswith("draft:") and len(value) > 6:
-        return DraftModel(value[6:])
+        return _draft(str(Path(value[6:]).resolve()) if Path(value[6:]).exists() else value[6:])
     raise InvalidInputError(f"{what} must be 'lookup', 'draft:PATH' (an export with the same vocabulary), a "
                             f"Proposer or None; got {value!r}")
 
