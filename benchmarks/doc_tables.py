@@ -178,7 +178,9 @@ def _http_ray() -> str:
 
 
 SPEC_MODES = {"plain": "plain decoding (KVCacheInferencer.generate)", "lookup": "prompt lookup (inferencer)",
-              "engine": "prompt lookup (Engine, one request)", "wrong": "every guess wrong (acceptance 0)"}
+              "engine": "prompt lookup (Engine, one request)", "wrong": "every guess wrong (acceptance 0)",
+              "ov-plain": "OpenVINO GenAI LLMPipeline, plain", "ov-lookup": "OpenVINO GenAI, its prompt lookup",
+              "serving plain": "Engine, 16 slots, plain", "serving engine": "Engine, 16 slots, prompt lookup"}
 
 
 def _speculative() -> str:
@@ -188,7 +190,8 @@ def _speculative() -> str:
     for row in r["rows"]:
         sp = row["speculation"]
         verified = sp["speculative_steps"] > 0
-        lines.append(f"| {row['model']} / {row['workload']} | {SPEC_MODES.get(row['mode'], row['mode'])} | "
+        mode = SPEC_MODES.get(f"{row['workload']} {row['mode']}", SPEC_MODES.get(row["mode"], row["mode"]))
+        lines.append(f"| {row['model']} / {row['workload']} | {mode} | "
                      f"{_r(row['tokens_per_s'])} | {row.get('speedup', float('nan')):.2f} | "
                      + (f"{100 * sp['acceptance_rate']:.0f}% | {sp['tokens_per_speculative_step']:.2f} | "
                         if verified else "- | - | ")
@@ -203,6 +206,7 @@ BLOCKS = {
     "leaders": lambda: _leaders("leaders_gpt2_cpu"),
     "leaders-rerun": lambda: _leaders("leaders_gpt2_cpu_rerun"),
     "leaders-llama": lambda: _leaders("leaders_llama-small_cpu"),
+    "leaders-first-token-chunked": lambda: _leaders("leaders_gpt2_cpu_first_token_chunked"),
     "suite-decode": _suite_decode,
     "suite-first-token": _suite_first_token,
     "suite-exports": _suite_exports,

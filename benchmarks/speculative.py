@@ -37,7 +37,7 @@ import numpy as np
 from .common import environment
 from .isolate import Case, emit, out_dir, run_rounds, spread
 
-MODELS = {"pybytes": "pybytes", "gpt2": "models/gpt2", "gpt2-int4": "models/gpt2-int4"}
+MODELS = {"pybytes": "pybytes", "pycode": "models/pycode", "gpt2": "models/gpt2", "gpt2-int4": "models/gpt2-int4"}
 MODES = ("plain", "lookup", "engine", "wrong")
 OV_MODES = ("ov-plain", "ov-lookup")
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +100,8 @@ def ov_worker(a) -> None:
     import openvino as ov
     import openvino_genai as g
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(REPO / "kvcache_infer" / "models" / a.model / "tokenizer.json"))
+    folder = REPO / "kvcache_infer" / "models" / a.model if a.model == "pybytes" else REPO / MODELS[a.model]
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     prompts, wants = prompts_and_answers(lambda t: tok.encode(t).ids)
     lookup = a.mode == "ov-lookup"
     pipe = g.LLMPipeline(str(REPO / "models" / "peers" / f"{a.model}-ov-fp32"), "CPU",
@@ -190,7 +191,7 @@ def serving_worker(a, model) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=["pybytes:code-edit", "gpt2:random", "gpt2-int4:random"],
-                    help="MODEL:WORKLOAD pairs (models: %s)" % ", ".join(MODELS))
+                    help="MODEL:WORKLOAD[:MODE,MODE...] (models: %s; modes: --modes by default)" % ", ".join(MODELS))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + OV_MODES,
                     help="ov-plain / ov-lookup need `bash scripts/setup_peers.sh` and the model's OpenVINO IR")
     ap.add_argument("--threads", type=int, default=2)
@@ -206,8 +207,8 @@ def main(argv=None) -> None:
         return worker(a)
     cases = {}
     for c in a.cases:
-        model, workload = c.split(":")
-        for mode in a.modes:
+        model, workload, *only = c.split(":")
+        for mode in (only[0].split(",") if only else a.modes):
             if workload == "serving" and mode not in ("plain", "engine"):
                 continue
             args = ["--model", model, "--workload", workload, "--mode", mode, "--threads", str(a.threads),

@@ -17,7 +17,7 @@ from .runtime.metrics import LatencyTracker, MemoryProfile, Metrics
 from .runtime.model import Model, shared_model
 from .runtime.runs import PackedRun, PaddedRun
 from .runtime.snapshot import CacheSnapshot, check, take
-from .runtime.speculative import Proposer, Speculation, accept, proposer_arg
+from .runtime.speculative import AdaptiveLength, Proposer, Speculation, accept, proposer_arg
 
 
 class KVCacheInferencer:
@@ -61,6 +61,7 @@ class KVCacheInferencer:
 
         self._latency = LatencyTracker()
         self._spec_counts = {"speculative_steps": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        self._acceptance = AdaptiveLength(decay=0.9)      # over every speculative call (runtime/speculative.py)
         self._busy = threading.Lock()  # one sequence: a second thread gets ConcurrentUseError
 
     # -- state ---------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ class KVCacheInferencer:
                    stop: frozenset):
         """decode() with guesses (runtime/speculative.py): each run feeds the last token and up to k
         drafts and yields the kept drafts plus the model's next token."""
-        spec = Speculation(proposer)
+        spec = Speculation(proposer, self._acceptance)
         start = self.position
         tokens = [int(t) for t in prompt]
         try:

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import CapacityError
 from ..runtime.checks import rows_fit
 from ..runtime.generation import IncrementalText, Sampler, check_request, encode_prompt
-from ..runtime.speculative import Proposer, Speculation, accept, proposer_arg
+from ..runtime.speculative import AdaptiveLength, Proposer, Speculation, accept, proposer_arg
 from ..runtime.manifest import Manifest
 from ..runtime.model import Model
 from .requests import Request, per_prompt_arguments
@@ -41,6 +41,7 @@ class ContinuousBatching(abc.ABC):
         if speculative is not None:
             speculative.check(self.model)
         self._spec_counts = {"speculative_steps": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        self._acceptance = AdaptiveLength(decay=0.9)      # over every request so far: new ones start from it
 
     # -- the step primitives this class drives ---------------------------------------------------
     @abc.abstractmethod
@@ -87,7 +88,7 @@ class ContinuousBatching(abc.ABC):
             f"{ids.size} prompt tokens + {max_new_tokens} new tokens",
             f"a sequence of this Engine (max_seq_len={self.max_seq_len})", "shorten the prompt or lower max_new_tokens"))
         return Request(next(self._request_ids), ids, int(max_new_tokens), sampler, stop, tok, index,
-                       Speculation(proposer) if proposer is not None else None)
+                       Speculation(proposer, self._acceptance) if proposer is not None else None)
 
     def enqueue(self, requests) -> None:
         """Queues requests made with make_request(); they run in the next ticks."""

@@ -197,10 +197,16 @@ class AdaptiveLength:
 
 
 class Speculation:
-    """One sequence's speculation: its drafter, its adaptive length, and what it proposed and kept."""
+    """One sequence's speculation: its drafter, its adaptive length, and what it proposed and kept.
 
-    def __init__(self, proposer: Proposer):
-        self.drafter, self.length = proposer.drafter(), AdaptiveLength()
+    shared: the owner's (inferencer's, Engine's) estimate over every sequence so far, slower to move: a
+    new sequence starts from it (a workload whose guesses fail costs probes only, not a fresh start
+    per request) and every step updates it too."""
+
+    def __init__(self, proposer: Proposer, shared: AdaptiveLength | None = None):
+        self.shared = shared
+        self.drafter = proposer.drafter()
+        self.length = AdaptiveLength(prior=shared.rate) if shared is not None else AdaptiveLength()
         self.proposed = self.kept = self.runs = 0
 
     def next_length(self, limit: int) -> int:
@@ -213,6 +219,8 @@ class Speculation:
 
     def verified(self, proposed: int, kept: int) -> None:
         self.length.update(proposed, kept)
+        if self.shared is not None:
+            self.shared.update(proposed, kept)
         self.proposed, self.kept, self.runs = self.proposed + proposed, self.kept + kept, self.runs + 1
 
     def close(self) -> None:
