@@ -140,12 +140,10 @@ class _ModelDrafter(Drafter):
         k = min(k, self.capacity - L)
         if k < 1:
             return tokens[:0]
-        shared = 0
-        for a, b in zip(self.held, tokens):
-            if a != b:
-                break
-            shared += 1
-        shared = min(shared, L - 1)                 # the last token runs again: its output is the first guess
+        n = min(len(self.held), L)
+        differ = np.flatnonzero(np.asarray(self.held[:n], np.int64) != tokens[:n])
+        shared = min(int(differ[0]) if differ.size else n, L - 1)   # the last token runs again: its output is
+                                                                     # the first guess
         self.cache.truncate(shared)
         del self.held[shared:]
         out = np.empty(k, np.int64)
