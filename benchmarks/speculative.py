@@ -95,6 +95,21 @@ def prompts_and_answers(tokenize) -> tuple[list[np.ndarray], list[list[int]]]:
     return [np.array(tokenize(p), np.int64) for p, _ in pairs], [tokenize(w) for _, w in pairs]
 
 
+def timed(run, prompts, wants) -> tuple[int, float, int, list[list[int]]]:
+    """run(prompt, n) over every prompt after one untimed: (generated tokens, seconds, outputs beginning
+    with the expected text, outputs)."""
+    run(prompts[0], len(wants[0]))
+    tokens, seconds, copied, outputs = 0, 0.0, 0, []
+    for p, w in zip(prompts, wants):
+        t0 = time.perf_counter()
+        out = run(p, len(w))
+        seconds += time.perf_counter() - t0
+        tokens += len(out)
+        copied += out[:len(w)] == list(w)
+        outputs.append(out)
+    return tokens, seconds, copied, outputs
+
+
 def ov_worker(a) -> None:
     """OpenVINO GenAI (in .venv-peers): LLMPipeline, plain or with prompt lookup, on the code-edit workload."""
     import openvino as ov
@@ -114,15 +129,7 @@ def ov_worker(a) -> None:
         ids = ov.Tensor(p[None].astype(np.int64))
         mask = ov.Tensor(np.ones_like(p[None], dtype=np.int64))
         return [int(t) for t in pipe.generate(g.TokenizedInputs(ids, mask), cfg).tokens[0]]
-    run(prompts[0], len(wants[0]))
-    tokens, seconds, copied, outputs = 0, 0.0, 0, []
-    for p, w in zip(prompts, wants):
-        t0 = time.perf_counter()
-        out = run(p, len(w))
-        seconds += time.perf_counter() - t0
-        tokens += len(out)
-        copied += out[:len(w)] == list(w)
-        outputs.append(out)
+    tokens, seconds, copied, outputs = timed(run, prompts, wants)
     none = {"speculative_steps": 0, "draft_tokens": 0, "accepted_tokens": 0, "acceptance_rate": 0.0,
             "tokens_per_speculative_step": 0.0}
     emit({"model": a.model, "workload": a.workload, "mode": a.mode, "tokens": tokens, "seconds": seconds,
@@ -155,15 +162,7 @@ def worker(a) -> None:
         def run(p, n):
             inf.reset_cache()
             return inf.generate(p, n, speculative=spec)
-    run(prompts[0], len(wants[0]))                       # warm-up, untimed
-    tokens, seconds, copied, outputs = 0, 0.0, 0, []
-    for p, w in zip(prompts, wants):
-        t0 = time.perf_counter()
-        out = run(p, len(w))
-        seconds += time.perf_counter() - t0
-        tokens += len(out)
-        copied += out[:len(w)] == list(w)
-        outputs.append(out)
+    tokens, seconds, copied, outputs = timed(run, prompts, wants)
     stats = eng.speculation_stats if a.mode == "engine" else inf.speculation_stats
     emit({"model": a.model, "workload": a.workload, "mode": a.mode, "tokens": tokens, "seconds": seconds,
           "tokens_per_s": tokens / seconds, "prompts": len(prompts), "copied": copied, "speculation": stats,
@@ -242,7 +241,7 @@ def main(argv=None) -> None:
         print(f"{r['case']:>28}: {r['tokens_per_s']['median']:8.1f} tokens/s ({r['tokens_per_s']['min']:.1f}-"
               f"{r['tokens_per_s']['max']:.1f}), x{r.get('speedup', float('nan')):.2f} plain, kept "
               f"{sp['acceptance_rate']:.2f} of drafts, {sp['tokens_per_speculative_step']:.2f} tokens/step, "
-              f"outputs {'equal plain' if r['same_outputs_as_plain'] else 'DIFFER from plain'}, "
+              f"outputs {({True: 'equal', False: 'differ from'}[r['same_outputs_as_plain']] + ' plain') if r['same_outputs_as_plain'] is not None else 'not compared (no plain run)'}, "
               f"{r['copied']}/{r['prompts']} begin with the expected text")
     for runs in res.values():                  # the outputs were compared above; the hashes stay
         for x in runs:

@@ -65,6 +65,11 @@ def cmd_generate(a) -> int:
     return 0
 
 
+SPECULATIVE_HELP = ("guess tokens and verify them in the same run: 'lookup' (prompt lookup: n-grams of the text "
+                    "itself) or 'draft:PATH' (a smaller export with the same vocabulary); greedy output is "
+                    "unchanged, sampling keeps its distribution")
+
+
 def _speculative(a):
     """--speculative as a Proposer (None without it); errors name the option."""
     if a.speculative is None:
@@ -268,9 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling (repeatable output)")
     g.add_argument("--stop-ids", type=_ints, default=None, help="stop after any of these token ids, e.g. '0,10'")
     g.add_argument("--speculative", default=None, metavar="lookup|draft:PATH",
-                   help="guess tokens and verify them in the same run: 'lookup' (prompt lookup: n-grams of "
-                        "the text itself) or 'draft:PATH' (a smaller export with the same vocabulary); greedy "
-                        "output is unchanged, sampling keeps its distribution")
+                   help=SPECULATIVE_HELP)
     g.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions) over the Engine",
@@ -287,9 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-chunk", type=int, default=64, help="prompt tokens one sequence feeds per step (default 64)")
     s.add_argument("--no-prefix-cache", action="store_true", help="do not keep finished sequences for prefix reuse")
     s.add_argument("--speculative", default=None, metavar="lookup|draft:PATH",
-                   help="guess tokens and verify them in the same run: 'lookup' (prompt lookup: n-grams of "
-                        "the text itself) or 'draft:PATH' (a smaller export with the same vocabulary); greedy "
-                        "output is unchanged, sampling keeps its distribution")
+                   help=SPECULATIVE_HELP)
     s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: its folder name)")
     s.add_argument("--api-key", default=None,
                    help=f"require `Authorization: Bearer KEY` on every route but /health (or set ${{{API_KEY_ENV}}})")

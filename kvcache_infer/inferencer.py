@@ -17,7 +17,7 @@ from .runtime.metrics import LatencyTracker, MemoryProfile, Metrics
 from .runtime.model import Model, shared_model
 from .runtime.runs import PackedRun, PaddedRun
 from .runtime.snapshot import CacheSnapshot, check, take
-from .runtime.speculative import AdaptiveLength, Proposer, Speculation, accept, proposer_arg
+from .runtime.speculative import Proposer, Speculation, SpeculationTotals, accept, proposer_arg
 
 
 class KVCacheInferencer:
@@ -52,6 +52,7 @@ class KVCacheInferencer:
         self.batch_size = int_arg("batch_size", batch_size)
         self.capacity = max_seq_len_arg(max_seq_len, m)
         self.prefill_chunk = int_arg("prefill_chunk", prefill_chunk)
+        self._chunk = self.prefill_chunk if m.tokens == "packed" else self.capacity   # others: one run
         self.cache = make_cache(m, self.batch_size, self.capacity, model.device, model.device_id)
         # The bound runs of this graph kind: every call only writes ids/positions into their buffers.
         if m.tokens == "packed":
@@ -60,8 +61,7 @@ class KVCacheInferencer:
             self.runner = PaddedRun(model, self.cache)
 
         self._latency = LatencyTracker()
-        self._spec_counts = {"speculative_steps": 0, "draft_tokens": 0, "accepted_tokens": 0}
-        self._acceptance = AdaptiveLength(decay=0.9)      # over every speculative call (runtime/speculative.py)
+        self._speculation = SpeculationTotals()          # over every speculative call (runtime/speculative.py)
         self._busy = threading.Lock()  # one sequence: a second thread gets ConcurrentUseError
 
     # -- state ---------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class KVCacheInferencer:
                    stop: frozenset):
         """decode() with guesses (runtime/speculative.py): each run feeds the last token and up to k
         drafts and yields the kept drafts plus the model's next token."""
-        spec = Speculation(proposer, self._acceptance)
+        spec = Speculation(proposer, self._speculation)
         start = self.position
         tokens = [int(t) for t in prompt]
         try:
@@ -176,10 +176,6 @@ class KVCacheInferencer:
                 finally:
                     self._busy.release()
             spec.close()
-            c = self._spec_counts
-            c["speculative_steps"] += spec.runs
-            c["draft_tokens"] += spec.proposed
-            c["accepted_tokens"] += spec.kept
 
     def snapshot(self) -> CacheSnapshot:
         """Copies rows [0, position) of the cache to host memory (O(position)); changes nothing."""
@@ -239,20 +235,28 @@ class KVCacheInferencer:
     def _run(self, ids: np.ndarray, greedy: bool, all_positions: bool = False) -> np.ndarray:
         """One run over validated [B, n] ids (see BoundRun.lockstep); commits only after it succeeded."""
         n = ids.shape[1]
-        c = self.prefill_chunk if self.manifest.tokens == "packed" else n
         t0 = time.perf_counter()
-        start = self.position
+        if n > self._chunk and not all_positions:
+            out = self._run_chunks(ids, greedy)
+        else:
+            out = self.runner.lockstep(ids, greedy, all_positions)
+            self.cache.commit(self.cache.lengths + n)           # the one state change
+        self._latency.record((time.perf_counter() - t0) * 1e3, n)
+        return out
+
+    def _run_chunks(self, ids: np.ndarray, greedy: bool) -> np.ndarray:
+        """A chunk longer than prefill_chunk: leading runs of prefill_chunk tokens (cache rows only),
+        then the rest; a failure drops the leading runs' rows (the position is where it was)."""
+        c, start = self._chunk, self.cache.offset
         try:
-            while not all_positions and ids.shape[1] - (self.position - start) > c:   # leading chunks
-                lo = self.position - start
+            for lo in range(0, ids.shape[1] - c, c):
                 self.runner.fill(ids[:, lo:lo + c])
                 self.cache.commit(self.cache.lengths + c)
-            out = self.runner.lockstep(ids[:, self.position - start:], greedy, all_positions)
+            out = self.runner.lockstep(ids[:, self.cache.offset - start:], greedy)
         except BaseException:
-            self.cache.truncate(start)          # leading chunks' rows are dropped: nothing changed
+            self.cache.truncate(start)
             raise
-        self.cache.commit(self.cache.lengths + n - (self.position - start))
-        self._latency.record((time.perf_counter() - t0) * 1e3, n)
+        self.cache.commit(self.cache.lengths + ids.shape[1] - (self.cache.offset - start))
         return out
 
     def _check_ids(self, token_ids) -> tuple[np.ndarray, bool]:
@@ -278,12 +282,8 @@ class KVCacheInferencer:
 
     @property
     def speculation_stats(self) -> dict[str, float]:
-        """Over every speculative generate/stream so far: steps that verified drafts, drafts proposed and
-        kept, the share kept, and the tokens such a step produced on average (kept drafts + 1)."""
-        c = self._spec_counts
-        steps, drafts, kept = c["speculative_steps"], c["draft_tokens"], c["accepted_tokens"]
-        return {**c, "acceptance_rate": kept / drafts if drafts else 0.0,
-                "tokens_per_speculative_step": (kept + steps) / steps if steps else 0.0}
+        """Over every speculative generate/stream so far (runtime.speculative.SpeculationTotals.stats)."""
+        return self._speculation.stats()
 
     def print_metrics(self) -> None:
         print(self.metrics.report())

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import CapacityError
 from ..runtime.checks import rows_fit
 from ..runtime.generation import IncrementalText, Sampler, check_request, encode_prompt
-from ..runtime.speculative import AdaptiveLength, Proposer, Speculation, accept, proposer_arg
+from ..runtime.speculative import Proposer, Speculation, SpeculationTotals, accept, proposer_arg
 from ..runtime.manifest import Manifest
 from ..runtime.model import Model
 from .requests import Request, per_prompt_arguments
@@ -40,8 +40,7 @@ class ContinuousBatching(abc.ABC):
         self.speculative = speculative
         if speculative is not None:
             speculative.check(self.model)
-        self._spec_counts = {"speculative_steps": 0, "draft_tokens": 0, "accepted_tokens": 0}
-        self._acceptance = AdaptiveLength(decay=0.9)      # over every request so far: new ones start from it
+        self.speculation = SpeculationTotals()            # over every request so far: new ones start from it
 
     # -- the step primitives this class drives ---------------------------------------------------
     @abc.abstractmethod
@@ -88,7 +87,7 @@ class ContinuousBatching(abc.ABC):
             f"{ids.size} prompt tokens + {max_new_tokens} new tokens",
             f"a sequence of this Engine (max_seq_len={self.max_seq_len})", "shorten the prompt or lower max_new_tokens"))
         return Request(next(self._request_ids), ids, int(max_new_tokens), sampler, stop, tok, index,
-                       Speculation(proposer, self._acceptance) if proposer is not None else None)
+                       Speculation(proposer, self.speculation) if proposer is not None else None)
 
     def enqueue(self, requests) -> None:
         """Queues requests made with make_request(); they run in the next ticks."""
@@ -160,20 +159,12 @@ class ContinuousBatching(abc.ABC):
         new = accept(drafts, out.next_tokens(seq), None if req.sampler.greedy else out.logits(seq), req.sampler)
         self.truncate(seq, seq.position - (len(drafts) + 1 - len(new)))
         req.speculation.verified(len(drafts), len(new) - 1)
-        c = self._spec_counts
-        c["speculative_steps"] += 1
-        c["draft_tokens"] += len(drafts)
-        c["accepted_tokens"] += len(new) - 1
         return new
 
     @property
     def speculation_stats(self) -> dict[str, float]:
-        """Decode steps that verified drafts, drafts proposed and kept, the share kept, and the tokens
-        such a step produced on average (kept drafts + 1)."""
-        c = self._spec_counts
-        steps, drafts, kept = c["speculative_steps"], c["draft_tokens"], c["accepted_tokens"]
-        return {**c, "acceptance_rate": kept / drafts if drafts else 0.0,
-                "tokens_per_speculative_step": (kept + steps) / steps if steps else 0.0}
+        """Over every request so far (runtime.speculative.SpeculationTotals.stats)."""
+        return self.speculation.stats()
 
     # -- whole prompts ---------------------------------------------------------------------------
     def generate(self, prompts, max_new_tokens=64, **sampling) -> list:

@@ -396,7 +396,9 @@ class Engine(ContinuousBatching):
         """Counters: sequences, prefix hits, prefix tokens reused, evictions, forks, runs, speculative
         decode steps, draft tokens verified and accepted."""
         c, p = self._counts, self.prefix_cache.stats
-        return {"sequences": c["sequences"], **p, "forks": c["forks"], "runs": c["runs"], **self._spec_counts}
+        return {"sequences": c["sequences"], **p, "forks": c["forks"], "runs": c["runs"],
+                "speculative_steps": self.speculation.steps, "draft_tokens": self.speculation.drafts,
+                "accepted_tokens": self.speculation.kept}
 
     def memory_profile(self) -> EngineMemoryProfile:
         with self.lock:
@@ -415,8 +417,8 @@ class Engine(ContinuousBatching):
                 evictions=pc.stats["evictions"],
                 draft_cache_bytes=sum(r.speculation.drafter.nbytes for r in self.scheduler.running
                                       if r.speculation is not None),
-                draft_tokens=self._spec_counts["draft_tokens"], accepted_tokens=self._spec_counts["accepted_tokens"],
-                speculative_steps=self._spec_counts["speculative_steps"])
+                draft_tokens=self.speculation.drafts, accepted_tokens=self.speculation.kept,
+                speculative_steps=self.speculation.steps)
 
     def __repr__(self) -> str:
         return (f"Engine(max_sequences={self.max_sequences}, max_seq_len={self.max_seq_len}, live={len(self._live)}, "

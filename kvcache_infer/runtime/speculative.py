@@ -194,18 +194,36 @@ class AdaptiveLength:
             self.rate = self.decay * self.rate + (1 - self.decay) * kept / trials
 
 
+class SpeculationTotals:
+    """An owner's (an inferencer's, an Engine's) record over every sequence that speculated: the counts,
+    and the running acceptance a new sequence starts from (slower to move than a sequence's own), so a
+    workload whose guesses fail costs probes only, not a fresh start per request."""
+
+    def __init__(self):
+        self.acceptance = AdaptiveLength(decay=0.9)
+        self.steps = self.drafts = self.kept = 0
+
+    def record(self, proposed: int, kept: int) -> None:
+        self.acceptance.update(proposed, kept)
+        self.steps, self.drafts, self.kept = self.steps + 1, self.drafts + proposed, self.kept + kept
+
+    def stats(self) -> dict[str, float]:
+        """Steps that verified drafts, drafts verified and kept, the share kept, and the tokens such a
+        step produced on average (kept drafts + 1)."""
+        steps, drafts, kept = self.steps, self.drafts, self.kept
+        return {"speculative_steps": steps, "draft_tokens": drafts, "accepted_tokens": kept,
+                "acceptance_rate": kept / drafts if drafts else 0.0,
+                "tokens_per_speculative_step": (kept + steps) / steps if steps else 0.0}
+
+
 class Speculation:
-    """One sequence's speculation: its drafter, its adaptive length, and what it proposed and kept.
+    """One sequence's speculation: its drafter and its adaptive length; each verified step is also
+    recorded in the owner's totals."""
 
-    shared: the owner's (inferencer's, Engine's) estimate over every sequence so far, slower to move: a
-    new sequence starts from it (a workload whose guesses fail costs probes only, not a fresh start
-    per request) and every step updates it too."""
-
-    def __init__(self, proposer: Proposer, shared: AdaptiveLength | None = None):
-        self.shared = shared
+    def __init__(self, proposer: Proposer, totals: SpeculationTotals):
+        self.totals = totals
         self.drafter = proposer.drafter()
-        self.length = AdaptiveLength(prior=shared.rate) if shared is not None else AdaptiveLength()
-        self.proposed = self.kept = self.runs = 0
+        self.length = AdaptiveLength(prior=totals.acceptance.rate)
 
     def next_length(self, limit: int) -> int:
         """How many tokens to guess in the next step (at most `limit`; 0: decode plainly)."""
@@ -217,9 +235,7 @@ class Speculation:
 
     def verified(self, proposed: int, kept: int) -> None:
         self.length.update(proposed, kept)
-        if self.shared is not None:
-            self.shared.update(proposed, kept)
-        self.proposed, self.kept, self.runs = self.proposed + proposed, self.kept + kept, self.runs + 1
+        self.totals.record(proposed, kept)
 
     def close(self) -> None:
         self.drafter.close()
