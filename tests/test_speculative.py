@@ -189,3 +189,10 @@ def test_inferencer_sampling_with_drafts_keeps_length_and_position(exported, rng
         assert len(got) == 20 and all(0 <= t < 1000 for t in got)
         assert inf.position == len(prompt) + 19
     assert inf.speculation_stats["speculative_steps"] > 0
+
+
+def test_speculation_needs_room_for_guesses(exported):
+    with pytest.raises(InvalidInputError, match="max_chunk >= 2"):
+        Engine(exported["tiny-a"], max_chunk=1, speculative="lookup")
+    with pytest.raises(InvalidInputError, match="max_chunk >= 2"):
+        Engine(exported["tiny-a"], max_chunk=1).generate([[1, 2, 3]], 4, speculative="lookup")

@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from ..errors import CapacityError
+from ..errors import CapacityError, InvalidInputError
 from ..runtime.checks import rows_fit
 from ..runtime.generation import IncrementalText, Sampler, check_request, encode_prompt
 from ..runtime.speculative import Proposer, Speculation, SpeculationTotals, accept, proposer_arg
@@ -40,6 +40,9 @@ class ContinuousBatching(abc.ABC):
         self.speculative = speculative
         if speculative is not None:
             speculative.check(self.model)
+            if self._max_drafts < 1:
+                raise InvalidInputError("speculative decoding verifies the last token and its guesses as one "
+                                        "chunk; max_chunk=1 leaves no room: construct the Engine with max_chunk >= 2")
         self.speculation = SpeculationTotals()            # over every request so far: new ones start from it
 
     # -- the step primitives this class drives ---------------------------------------------------
@@ -79,6 +82,9 @@ class ContinuousBatching(abc.ABC):
             proposer_arg(speculative)
         if proposer is not None and proposer is not self.speculative:
             proposer.check(self.model)
+        if proposer is not None and self._max_drafts < 1:
+            raise InvalidInputError("speculative decoding verifies the last token and its guesses as one chunk; "
+                                    "this Engine has max_chunk=1: construct it with max_chunk >= 2")
         sampler = Sampler(temperature, top_k, top_p, seed, vocab=V)
         tok, prompt = encode_prompt(self.model, prompt)
         ids = self.check_ids(prompt, "the prompt")
