@@ -100,6 +100,26 @@ def _serving_int4() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _serving_budget() -> str:
+    a = _load("serving_gpt2-w8a8-kv8_all")
+    lines = ["| system (slots, prompt tokens per step) | tokens/s | TTFT p50 / p99 (s) | per token p50 / p99 (ms) |",
+             "|---" * 4 + "|"]
+    for name, s in a["summary"].items():
+        lines.append(f"| {name} | {_r(s['tokens_per_s'])} | {s['ttft_p50_s']['median']:.2f} / "
+                     f"{s['ttft_p99_s']['median']:.2f} | {s['per_token_p50_ms']['median']:.1f} / "
+                     f"{s['per_token_p99_ms']['median']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _attention_kernels() -> str:
+    r = _load("attention_kernels")
+    lines = ["| KV cache | tokens held | ms, 12 layers | cache read (MB) | GB/s |", "|---" * 5 + "|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['form']} | {row['length']} | {_r(row['ms'], '.2f')} | {row['cache_bytes_read'] / 1e6:.0f} | "
+                     f"{row['gb_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _shared_prefix() -> str:
     r = _load("shared_prefix_gpt2")
     lines = ["| prefix cache | total s | TTFT p50 / p99 (s) | model runs | prompt tokens reused |", "|---" * 5 + "|"]
@@ -180,11 +200,12 @@ def _http_ray() -> str:
 SPEC_MODES = {"plain": "plain decoding (KVCacheInferencer.generate)", "lookup": "prompt lookup (inferencer)",
               "engine": "prompt lookup (Engine, one request)", "wrong": "every guess wrong (acceptance 0)",
               "ov-plain": "OpenVINO GenAI LLMPipeline, plain", "ov-lookup": "OpenVINO GenAI, its prompt lookup",
+              "llamacpp-plain": "llama.cpp llama-lookup, no drafts", "llamacpp-lookup": "llama.cpp llama-lookup, 5 drafts",
               "serving plain": "Engine, 16 slots, plain", "serving engine": "Engine, 16 slots, prompt lookup"}
 
 
-def _speculative() -> str:
-    r = _load("speculative_cpu")
+def _speculative(name: str = "speculative_cpu") -> str:
+    r = _load(name)
     lines = ["| model / workload | decoding | tokens/s | x plain | guesses kept | tokens per verifying step | "
              "greedy tokens equal plain | outputs beginning with the expected text |", "|---" * 8 + "|"]
     for row in r["rows"]:
@@ -196,8 +217,8 @@ def _speculative() -> str:
                      + (f"{100 * sp['acceptance_rate']:.0f}% | {sp['tokens_per_speculative_step']:.2f} | "
                         if verified else "- | - | ")
                      + (f"{row['requests_equal_plain']} of {row['prompts']} requests | " if "requests_equal_plain" in row
-                        else f"{'yes' if row['same_outputs_as_plain'] else 'no'} | ")
-                     + (f"{row['copied']} of {row['prompts']} |" if row["workload"] == "code-edit" else "- |"))
+                        else f"{({True: 'yes', False: 'no', None: '- (text, not compared)'})[row['same_outputs_as_plain']]} | ")
+                     + (f"{row['copied']} of {row['prompts']} |" if row["workload"].startswith("code-edit") else "- |"))
     return "\n".join(lines) + "\n"
 
 
@@ -207,11 +228,15 @@ BLOCKS = {
     "leaders-rerun": lambda: _leaders("leaders_gpt2_cpu_rerun"),
     "leaders-llama": lambda: _leaders("leaders_llama-small_cpu"),
     "leaders-first-token-chunked": lambda: _leaders("leaders_gpt2_cpu_first_token_chunked"),
+    "leaders-serving-again": lambda: _leaders("leaders_gpt2_cpu_serving_again"),
+    "leaders-serving-budget256": lambda: _leaders("leaders_gpt2_cpu_serving_budget256"),
     "suite-decode": _suite_decode,
     "suite-first-token": _suite_first_token,
     "suite-exports": _suite_exports,
     "serving": _serving,
     "serving-int4": _serving_int4,
+    "serving-budget": _serving_budget,
+    "attention-kernels": _attention_kernels,
     "shared-prefix": _shared_prefix,
     "tree-search": lambda: _tree_search("tree_search_gpt2"),
     "tree-search-pybytes": lambda: _tree_search("tree_search_pybytes"),
@@ -219,6 +244,7 @@ BLOCKS = {
     "http-load": _http_load,
     "http-ray": _http_ray,
     "speculative": _speculative,
+    "speculative-peers": lambda: _speculative("speculative_peers_cpu"),
 }
 
 

@@ -10,6 +10,8 @@ between its tokens; per run: generated tokens / (last token - first arrival).
 
 Systems (each what a user of that tool would write):
     engine-16, engine-8   kvcache_infer.Engine, continuous batching (max_sequences 16 / 8)
+    engine-N[-pB]         the same with N slots (and a prefill budget of B prompt tokens per step; default:
+                          the Engine's own), e.g. engine-48 engine-48-p64 (not run unless named)
     sequential            KVCacheInferencer.stream, one request at a time, in arrival order
     hf-static             transformers batched generate(): batches of up to 16 arrived requests,
                           left-padded, run to the batch's longest output (a streamer timestamps steps)
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +49,22 @@ def workload(n: int, vocab: int, seed: int, arrival: str, rate: float, prompt=(8
 
 
 # -- systems: each runs the whole workload and fills recs[i]["times"] (token timestamps) ---------------
-def run_engine(model_dir: Path, reqs: list[dict], threads: int, slots: int) -> dict:
+def engine_system(name: str) -> tuple[int, int | None] | None:
+    """(slots, prefill budget or None) of an engine-N[-pB] system name; None for other systems."""
+    m = re.fullmatch(r"engine-(\d+)(?:-p(\d+))?", name)
+    return (int(m[1]), int(m[2]) if m[2] else None) if m else None
+
+
+def system_arg(name: str) -> str:
+    if name in SYSTEMS or engine_system(name):
+        return name
+    raise argparse.ArgumentTypeError(f"unknown system {name!r}: one of {', '.join(SYSTEMS)} or engine-N[-pB]")
+
+
+def run_engine(model_dir: Path, reqs: list[dict], threads: int, slots: int, prefill_budget: int | None = None) -> dict:
     from kvcache_infer import Engine, Model
     model = Model(model_dir, intra_op_threads=threads, session_options=session_options(threads))
-    eng = Engine(model, max_sequences=slots, max_seq_len=512)
+    eng = Engine(model, max_sequences=slots, max_seq_len=512, prefill_budget=prefill_budget)
     eng.generate([r["prompt"][:16] for r in reqs[:WARMUP]], max_new_tokens=8)
     clock, pending, handles, memory = Clock(), list(range(len(reqs))), {}, []
     per = eng.manifest.cache_bytes_per_token
@@ -75,6 +90,7 @@ def run_engine(model_dir: Path, reqs: list[dict], threads: int, slots: int) -> d
                        "block16_bytes": int(sum(-(-n // 16) * 16 for n in lens) * per)})
     prof = eng.memory_profile()
     return {"memory_timeline": memory, "total_cache_bytes": prof.total_bytes, "slots": slots,
+            "prefill_budget": eng.scheduler.prefill_budget,
             "rows_per_slot": prof.rows_per_slot, "bytes_per_token": per, "engine_stats": dict(eng.stats)}
 
 
@@ -109,14 +125,13 @@ def worker(a) -> None:
     for r in reqs:
         r["times"], r["tokens"] = [], []
     name = a.worker
-    runners = {"engine-16": lambda: run_engine(model_dir, reqs, a.threads, 16),
-               "engine-8": lambda: run_engine(model_dir, reqs, a.threads, 8),
-               "sequential": lambda: run_sequential(model_dir, reqs, a.threads),
+    runners = {"sequential": lambda: run_sequential(model_dir, reqs, a.threads),
                "hf-static": lambda: run_hf_static(model_dir, reqs, a.threads),
                "hf-continuous": lambda: run_hf_continuous(model_dir, reqs, a.threads),
                "genai-static": lambda: run_genai_static(optimum_dir, reqs, a.threads),
                "genai-engine": lambda: run_genai_engine(optimum_dir, reqs, a.threads)}
-    extra = runners[name]()
+    engine = engine_system(name)
+    extra = run_engine(model_dir, reqs, a.threads, *engine) if engine else runners[name]()
     bad = [i for i, r in enumerate(reqs) if len(r["tokens"]) != r["out"]]
     if bad:
         raise RuntimeError(f"{len(bad)} requests got a wrong number of tokens (first: request {bad[0]}, "
@@ -230,7 +245,8 @@ def main() -> None:
                     "weights must sit beside it as BASE-optimum (default models/gpt2)")
     ap.add_argument("--arrival", nargs="+", default=["all"], choices=["all", "poisson"])
     ap.add_argument("--rate", type=float, default=1.0, help="Poisson arrivals per second (default 1.0)")
-    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), type=system_arg,
+                    help=f"of {', '.join(SYSTEMS)} (default: all) or engine-N[-pB]")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,8 @@ Workloads (each prompt decoded alone, greedy, every mode in its own process, rou
                 the function, then a comment asking for it again / with a parameter renamed / with a
                 literal changed, then its first line as it would be written; max_new_tokens: the rest of
                 the expected text. Reports how many greedy outputs begin with the expected text.
+    code-edit-long  the same from functions of up to 400 characters (prompts up to 1,024 characters): a
+                longer run for models of 1,024 positions (pycode), for the peers' comparison
     random      random prompt ids (64) and 128 new tokens: GPT-2 small with random weights.
     serving     benchmarks.serving's 48 requests submitted at once to an Engine of 16 slots (continuous
                 batching): modes plain and engine only; counts the requests whose tokens equal plain's.
@@ -19,8 +21,13 @@ Modes:
     ov-plain, ov-lookup   OpenVINO GenAI's LLMPipeline on the same checkpoint (models/peers/MODEL-ov-fp32,
                 `optimum-cli export openvino`), plain and with its prompt lookup (num_assistant_tokens 5,
                 max_ngram_size 3), the same token ids in, EOS ignored; run in .venv-peers
-Counts generated tokens only; one untimed prompt first. JSON under benchmarks/out/ (benchmarks/results/
-with --publish).
+    llamacpp-plain, llamacpp-lookup   llama.cpp's prompt-lookup example (`llama-lookup`, built by
+                scripts/setup_peers.sh) on the same checkpoint converted to GGUF f32 (models/peers/MODEL-f32.gguf,
+                convert_hf_to_gguf.py), 2 threads, greedy, EOS ignored, --spec-draft-n-max 5 (0: plain);
+                one process per prompt, timed by its own encode + decode clocks (model loading excluded);
+                the prompt goes in as text (its tokenizer, converted from ours)
+Counts generated tokens only; one untimed prompt first. JSON (--name, default speculative_cpu) under
+benchmarks/out/ (benchmarks/results/ with --publish).
 """
 from __future__ import annotations
 
@@ -40,11 +47,12 @@ from .isolate import Case, emit, out_dir, run_rounds, spread
 MODELS = {"pybytes": "pybytes", "pycode": "models/pycode", "gpt2": "models/gpt2", "gpt2-int4": "models/gpt2-int4"}
 MODES = ("plain", "lookup", "engine", "wrong")
 OV_MODES = ("ov-plain", "ov-lookup")
+LLAMA_MODES = ("llamacpp-plain", "llamacpp-lookup")
 REPO = Path(__file__).resolve().parent.parent
 PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
 
 
-def code_edit_prompts(limit: int = 24, positions: int = 256) -> list[tuple[str, str]]:
+def code_edit_prompts(limit: int = 24, positions: int = 256, longest: int = 130) -> list[tuple[str, str]]:
     """(prompt, expected continuation) pairs from held-out standard-library functions (deterministic)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)[::20]   # the held-out files
@@ -53,7 +61,7 @@ def code_edit_prompts(limit: int = 24, positions: int = 256) -> list[tuple[str, 
         text = f.read_text(encoding="utf-8", errors="replace")
         for m in re.finditer(r"^def [a-z_]+\((\w+)[^)]*\):\n(?:    .*\n){1,4}", text, re.M):
             body = m.group(0)
-            if 70 <= len(body) <= 130 and body.isascii() and len(m.group(1)) > 1:
+            if 70 <= len(body) <= longest and body.isascii() and len(m.group(1)) > 1:
                 funcs.append((body, m.group(1)))
     out = []
     for i, (body, arg) in enumerate(funcs[: limit]):
@@ -90,8 +98,11 @@ def wrong_proposer(vocab: int):
     return Wrong()
 
 
-def prompts_and_answers(tokenize) -> tuple[list[np.ndarray], list[list[int]]]:
-    pairs = code_edit_prompts()
+CODE_EDIT = {"code-edit": dict(limit=24), "code-edit-long": dict(limit=96, positions=1024, longest=400)}
+
+
+def prompts_and_answers(tokenize, workload: str) -> tuple[list[np.ndarray], list[list[int]]]:
+    pairs = code_edit_prompts(**CODE_EDIT[workload])
     return [np.array(tokenize(p), np.int64) for p, _ in pairs], [tokenize(w) for _, w in pairs]
 
 
@@ -117,7 +128,7 @@ def ov_worker(a) -> None:
     from tokenizers import Tokenizer
     folder = REPO / "kvcache_infer" / "models" / a.model if a.model == "pybytes" else REPO / MODELS[a.model]
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    prompts, wants = prompts_and_answers(lambda t: tok.encode(t).ids)
+    prompts, wants = prompts_and_answers(lambda t: tok.encode(t).ids, a.workload)
     lookup = a.mode == "ov-lookup"
     pipe = g.LLMPipeline(str(REPO / "models" / "peers" / f"{a.model}-ov-fp32"), "CPU",
                          **({"prompt_lookup": True} if lookup else {}), INFERENCE_NUM_THREADS=a.threads)
@@ -138,16 +149,75 @@ def ov_worker(a) -> None:
           "versions": {"openvino": ov.__version__, "openvino_genai": g.__version__}, "threads": a.threads})
 
 
+def llama_worker(a) -> None:
+    """llama.cpp's llama-lookup, plain (no drafts) or with its prompt lookup, on the code-edit workload."""
+    import subprocess
+
+    from .peer_workloads import LLAMA_BIN
+    from kvcache_infer import Model
+    tool, gguf = LLAMA_BIN / "llama-lookup", REPO / "models" / "peers" / f"{a.model}-f32.gguf"
+    for p in (tool, gguf):
+        if not p.exists():
+            raise SystemExit(f"{p} is missing: run `bash scripts/setup_peers.sh` and convert the checkpoint "
+                             "(benchmarks/peer_models.py's make_gguf)")
+    tok = Model(MODELS[a.model]).tokenizer
+    pairs = code_edit_prompts(**CODE_EDIT[a.workload])
+    drafts = 5 if a.mode == "llamacpp-lookup" else 0
+    timing = re.compile(r"(encoded|decoded)\s+(\d+) tokens in\s+([0-9.]+) seconds")
+
+    retries = 0
+
+    def run(prompt: str, n: int, tries: int = 3) -> tuple[int, float, str, dict]:
+        nonlocal retries
+        p = subprocess.run([str(tool), "-m", str(gguf), "-p", prompt, "-n", str(n - 1), "-t", str(a.threads),
+                            "-c", "1024", "--temp", "0", "--ignore-eos", "--spec-draft-n-max", str(drafts),
+                            "--seed", "0"], capture_output=True, text=True, timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"llama-lookup exited {p.returncode}: {p.stderr.strip().splitlines()[-3:]}")
+        log = p.stdout + p.stderr
+        got = {k: (int(t), float(s)) for k, t, s in timing.findall(log)}
+        counts = {k: int(v) for k, v in re.findall(r"(n_drafted|n_accept)\s+=\s+(\d+)", log)}
+        text = p.stdout[p.stdout.find(prompt) + len(prompt):] if prompt in p.stdout else p.stdout
+        if len(got) < 2 or len(counts) < 2:                 # its log thread sometimes loses the last lines
+            if tries > 1:
+                retries += 1
+                return run(prompt, n, tries - 1)
+            raise RuntimeError(f"llama-lookup printed no timings: ...{log[-600:]}")
+        return got["decoded"][0], got["encoded"][1] + got["decoded"][1], text, counts
+    run(*[pairs[0][0], len(tok.encode(pairs[0][1]).ids)])             # untimed
+    tokens, seconds, copied, outputs, drafted, kept = 0, 0.0, 0, [], 0, 0
+    for prompt, want in pairs:
+        # it may decode a few tokens past -n (guesses kept in its last step): its own count is used
+        n, s, text, counts = run(prompt, len(tok.encode(want).ids))
+        tokens, seconds = tokens + n, seconds + s
+        copied += text.startswith(want)
+        outputs.append(text)
+        drafted, kept = drafted + counts.get("n_drafted", 0), kept + counts.get("n_accept", 0)
+    version = subprocess.run([str(tool), "--version"], capture_output=True, text=True)
+    steps = tokens - kept if drafts else 0            # each of its steps yields the guesses kept + 1
+    none = {"speculative_steps": steps, "draft_tokens": drafted, "accepted_tokens": kept,
+            "acceptance_rate": kept / drafted if drafted else 0.0,
+            "tokens_per_speculative_step": tokens / steps if steps else 0.0}
+    emit({"model": a.model, "workload": a.workload, "mode": a.mode, "tokens": tokens, "seconds": seconds,
+          "tokens_per_s": tokens / seconds, "prompts": len(pairs), "copied": copied, "speculation": none,
+          "outputs_hash": hashlib.sha1(json.dumps(outputs).encode()).hexdigest(), "weights": "f32 (GGUF)", "outputs_kind": "text",
+          "versions": {"llama.cpp": " ".join((version.stdout + version.stderr).split())[:200]},
+          "threads": a.threads, "draft_max": drafts,
+          "reruns_for_lost_timings": retries})
+
+
 def worker(a) -> None:
     if a.mode in OV_MODES:
         return ov_worker(a)
+    if a.mode in LLAMA_MODES:
+        return llama_worker(a)
     from kvcache_infer import Engine, KVCacheInferencer, Model
     model = Model(MODELS[a.model], intra_op_threads=a.threads)
     m = model.manifest
     if a.workload == "serving":
         return serving_worker(a, model)
-    if a.workload == "code-edit":
-        prompts, wants = prompts_and_answers(lambda t: model.tokenizer.encode(t).ids)
+    if a.workload in CODE_EDIT:
+        prompts, wants = prompts_and_answers(lambda t: model.tokenizer.encode(t).ids, a.workload)
     else:
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, m.vocab_size, 64) for _ in range(a.prompts)]
@@ -191,12 +261,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=["pybytes:code-edit", "gpt2:random", "gpt2-int4:random"],
                     help="MODEL:WORKLOAD[:MODE,MODE...] (models: %s; modes: --modes by default)" % ", ".join(MODELS))
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + OV_MODES,
-                    help="ov-plain / ov-lookup need `bash scripts/setup_peers.sh` and the model's OpenVINO IR")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + OV_MODES + LLAMA_MODES,
+                    help="ov-* and llamacpp-* need `bash scripts/setup_peers.sh` and the model's OpenVINO IR / GGUF")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=4, help="random workload: prompts (default 4)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--publish", action="store_true")
+    ap.add_argument("--name", default="speculative_cpu", help="the JSON's file name (default speculative_cpu)")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--model", default=None)
     ap.add_argument("--workload", default=None)
@@ -226,13 +297,14 @@ def main(argv=None) -> None:
         rows.append({"case": name, "model": r0["model"], "workload": r0["workload"], "mode": r0["mode"],
                      "tokens_per_s": s, "prompts": r0["prompts"], "copied": r0["copied"],
                      "speculation": r0["speculation"], "same_outputs_as_plain": None,
-                     "outputs_hash": r0["outputs_hash"]})
+                     "outputs_hash": r0["outputs_hash"], "outputs_kind": r0.get("outputs_kind", "token ids")})
     for r in rows:
         plain = next((p for p in rows if p["model"] == r["model"] and p["workload"] == r["workload"]
                       and p["mode"] == "plain"), None)
         if plain is not None:
             r["speedup"] = r["tokens_per_s"]["median"] / plain["tokens_per_s"]["median"]
-            r["same_outputs_as_plain"] = r["outputs_hash"] == plain["outputs_hash"]
+            if r["outputs_kind"] == plain["outputs_kind"]:       # llama.cpp's outputs are text: not compared
+                r["same_outputs_as_plain"] = r["outputs_hash"] == plain["outputs_hash"]
             if r["workload"] == "serving":      # requests whose tokens equal plain decoding's
                 mine = next(x for x in res[r["case"]] if "failed" not in x)["outputs"]
                 ref = next(x for x in res[plain["case"]] if "failed" not in x)["outputs"]
@@ -241,12 +313,12 @@ def main(argv=None) -> None:
         print(f"{r['case']:>28}: {r['tokens_per_s']['median']:8.1f} tokens/s ({r['tokens_per_s']['min']:.1f}-"
               f"{r['tokens_per_s']['max']:.1f}), x{r.get('speedup', float('nan')):.2f} plain, kept "
               f"{sp['acceptance_rate']:.2f} of drafts, {sp['tokens_per_speculative_step']:.2f} tokens/step, "
-              f"outputs {({True: 'equal', False: 'differ from'}[r['same_outputs_as_plain']] + ' plain') if r['same_outputs_as_plain'] is not None else 'not compared (no plain run)'}, "
+              f"outputs {({True: 'equal', False: 'differ from'}[r['same_outputs_as_plain']] + ' plain') if r['same_outputs_as_plain'] is not None else 'not compared (text or no plain run)'}, "
               f"{r['copied']}/{r['prompts']} begin with the expected text")
     for runs in res.values():                  # the outputs were compared above; the hashes stay
         for x in runs:
             x.pop("outputs", None)
-    path = out_dir(a.publish) / "speculative_cpu.json"
+    path = out_dir(a.publish) / f"{a.name}.json"
     path.write_text(json.dumps({"environment": environment(a.threads), "rows": rows, "raw": res}, indent=2) + "\n")
     print(f"wrote {path}")
 

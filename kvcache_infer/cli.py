@@ -107,15 +107,16 @@ def cmd_serve(a) -> int:
     elif a.address is not None:
         raise KVCacheError("--address names a Ray cluster for --replicas; add --replicas N")
     for opt, v, low in (("--port", a.port, 0), ("--max-sequences", a.max_sequences, 1), ("--max-queue", a.max_queue, 0),
-                        ("--max-body-bytes", a.max_body_bytes, 1), ("--max-chunk", a.max_chunk, 1)):
+                        ("--max-body-bytes", a.max_body_bytes, 1), ("--max-chunk", a.max_chunk, 1),
+                        ("--prefill-budget", 1 if a.prefill_budget is None else a.prefill_budget, 1)):
         if v < low:
             raise KVCacheError(f"{opt} must be >= {low}, got {v}")
     if a.request_timeout <= 0:
         raise KVCacheError(f"--request-timeout must be > 0 seconds, got {a.request_timeout}")
     try:
         eng = Engine(a.model, max_sequences=a.max_sequences, max_seq_len=a.max_seq_len, max_chunk=a.max_chunk,
-                     prefix_cache=not a.no_prefix_cache, device=a.device, intra_op_threads=a.threads,
-                     speculative=_speculative(a))
+                     prefill_budget=a.prefill_budget, prefix_cache=not a.no_prefix_cache, device=a.device,
+                     intra_op_threads=a.threads, speculative=_speculative(a))
     except KVCacheError as e:
         msg = str(e).replace("max_seq_len=", "--max-seq-len ").replace("max_sequences", "--max-sequences")
         raise KVCacheError(msg) from None
@@ -129,7 +130,8 @@ def cmd_serve(a) -> int:
         from .serve.ray_serve import ReplicaOptions
         options = ReplicaOptions(model=str(eng.model.dir.resolve()), name=a.served_model_name or eng.model.dir.name,
                                  max_sequences=eng.max_sequences, max_seq_len=eng.max_seq_len, max_chunk=a.max_chunk,
-                                 prefix_cache=not a.no_prefix_cache, threads=a.threads, max_queue=a.max_queue,
+                                 prefill_budget=a.prefill_budget, prefix_cache=not a.no_prefix_cache,
+                                 threads=a.threads, max_queue=a.max_queue,
                                  speculative=a.speculative)
         del eng
         return _serve_on_ray(a, options, limits, where)
@@ -288,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-sequences", type=int, default=16, help="sequences decoded at once (default 16)")
     s.add_argument("--max-seq-len", type=int, default=None, help="tokens per sequence (default: the model's limit)")
     s.add_argument("--max-chunk", type=int, default=64, help="prompt tokens one sequence feeds per step (default 64)")
+    s.add_argument("--prefill-budget", type=int, default=None,
+                   help="prompt tokens all sequences feed per step (default 256; lower: fewer pauses in streaming "
+                        "answers while prompts arrive, higher: prompts done sooner)")
     s.add_argument("--no-prefix-cache", action="store_true", help="do not keep finished sequences for prefix reuse")
     s.add_argument("--speculative", default=None, metavar="lookup|draft:PATH",
                    help=SPECULATIVE_HELP)

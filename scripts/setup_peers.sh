@@ -2,7 +2,7 @@
 # Brings the CPU peers onto this machine, for benchmarks/peer_models.py and benchmarks/cpu_peers.py:
 #   .venv-peers/          a separate Python 3.11 venv: OpenVINO (+ GenAI, tokenizers), optimum-intel, NNCF,
 #                         CTranslate2, transformers, gguf (the project's .venv is left alone)
-#   build/llama.cpp/      llama.cpp's own tools (llama-bench, llama-server, llama-quantize), built from the
+#   build/llama.cpp/      llama.cpp's own tools (llama-bench, llama-server, llama-quantize, llama-lookup), built from the
 #                         llama.cpp vendored in the llama-cpp-python sdist (no other source of it is reachable)
 # Idempotent: what exists is skipped (the pip step is skipped while its stamp matches the pins below;
 # delete .venv-peers/.peers-installed to redo it). Quiet: one line per step, the chatter goes to
@@ -74,16 +74,16 @@ fi
 
 # -- 3. llama.cpp's tools -------------------------------------------------------------------------------
 BIN="$LLAMA/build/bin"
-if [ -x "$BIN/llama-bench" ] && [ -x "$BIN/llama-server" ] && [ -x "$BIN/llama-quantize" ]; then
+if [ -x "$BIN/llama-bench" ] && [ -x "$BIN/llama-server" ] && [ -x "$BIN/llama-quantize" ] && [ -x "$BIN/llama-lookup" ]; then
   step "llama.cpp tools: already built ($BIN)"
 else
   t=$SECONDS
-  step "building llama-bench, llama-server, llama-quantize (10+ minutes on 2 cores)"
+  step "building llama-bench, llama-server, llama-quantize, llama-lookup (10+ minutes on 2 cores)"
   gen=()
   command -v ninja >/dev/null && gen=(-G Ninja)
   quiet cmake -S "$LLAMA/src" -B "$LLAMA/build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF
-  quiet cmake --build "$LLAMA/build" -j "$JOBS" --target llama-bench llama-server llama-quantize
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DBUILD_SHARED_LIBS=OFF
+  quiet cmake --build "$LLAMA/build" -j "$JOBS" --target llama-bench llama-server llama-quantize llama-lookup
   echo "   done in $((SECONDS - t)) s"
 fi
 

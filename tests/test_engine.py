@@ -310,3 +310,24 @@ def test_one_slot_of_one_token_chunks_still_runs(path, rng):
     prompts = [rng.integers(0, V, n).tolist() for n in (3, 1)]
     got = Engine(path, max_sequences=1, max_seq_len=32, max_chunk=1).generate(prompts, 5)
     assert got == Engine(path, max_sequences=2, max_seq_len=32, max_chunk=8).generate(prompts, 5)
+
+
+def test_prefill_budget_caps_prompt_tokens_per_step_and_leaves_tokens_unchanged(path, rng):
+    from kvcache_infer.engine.engine import PREFILL_BUDGET
+    assert Engine(path, max_sequences=2, max_seq_len=64).scheduler.prefill_budget == PREFILL_BUDGET
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(InvalidInputError, match="prefill_budget"):
+            Engine(path, max_sequences=2, max_seq_len=64, prefill_budget=bad)
+    prompts = [rng.integers(0, V, n).tolist() for n in (30, 17, 25, 9)]
+    outs = {}
+    for budget in (8, 16, 256):
+        eng = Engine(path, max_sequences=4, max_seq_len=64, max_chunk=8, prefill_budget=budget)
+        fed, real = [], eng.advance
+
+        def spy(feeds, **kw):
+            fed.append(sum(len(ids) for ids in dict(feeds).values() if len(ids) > 1))
+            return real(feeds, **kw)
+        eng.advance = spy
+        outs[budget] = eng.generate(prompts, 6)
+        assert max(fed) <= budget and max(fed) == min(budget, 32)       # 4 prompts of chunks up to 8 each
+    assert outs[8] == outs[16] == outs[256]

@@ -319,3 +319,6 @@ def test_cli_serve_refuses_bad_options_in_option_terms():
     r = subprocess.run([sys.executable, "-m", "kvcache_infer.cli", "serve", "--speculative", "ngram"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--speculative must be 'lookup', 'draft:PATH'" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kvcache_infer.cli", "serve", "--prefill-budget", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--prefill-budget must be >= 1, got 0" in r.stderr and "Traceback" not in r.stderr

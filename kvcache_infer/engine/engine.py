@@ -48,6 +48,8 @@ from .batching import ContinuousBatching
 from .sequence import Nodes, Sequence, TreeSequence
 from .step_output import StepOutput, joined
 
+PREFILL_BUDGET = 256        # prompt tokens a step feeds by default, as OpenVINO GenAI's scheduler (256 a step)
+
 
 class Engine(ContinuousBatching):
     """Many sequences, one cache, one ONNX Runtime run per step.
@@ -59,7 +61,10 @@ class Engine(ContinuousBatching):
         max_chunk: longest chunk a run feeds one sequence; longer chunks run as several runs
             (chunked prefill). Each slot carries max_chunk - 1 rows of padding room.
         prefix_cache: retain released sequences and reuse indexed prefixes (token granularity).
-        prefill_budget: prompt tokens the request scheduler feeds per step (default max_chunk).
+        prefill_budget: prompt tokens the request scheduler feeds per step, besides the decoding
+            requests' tokens (default PREFILL_BUDGET, at least max_chunk). Larger: prompts finish sooner
+            and steps run bigger GEMMs; smaller: a burst of prompts delays the running requests' next
+            tokens less (docs/performance.md, "Prompt tokens per step").
         speculative: requests' default proposer (None; "lookup": prompt lookup; "draft:PATH": a draft
             export with the same vocabulary; a runtime.speculative.Proposer): each decode step then
             also verifies the tokens it guesses, and greedy requests produce the same tokens as without.
@@ -96,8 +101,8 @@ class Engine(ContinuousBatching):
         self._ids = itertools.count()
         self.lock = threading.RLock()             # held by every engine call (and by a whole tick)
         self._counts = {"sequences": 0, "forks": 0, "runs": 0}
-        self._init_batching(max_chunk=self.max_chunk, prefill_budget=prefill_budget or self.max_chunk,
-                            speculative=speculative)
+        budget = max(PREFILL_BUDGET, self.max_chunk) if prefill_budget is None else prefill_budget
+        self._init_batching(max_chunk=self.max_chunk, prefill_budget=budget, speculative=speculative)
 
     # -- sequences -------------------------------------------------------------------------------
     def new_sequence(self) -> Sequence:

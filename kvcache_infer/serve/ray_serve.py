@@ -54,6 +54,7 @@ class ReplicaOptions:
     max_sequences: int = 16
     max_seq_len: int | None = None
     max_chunk: int = 64
+    prefill_budget: int | None = None   # None: the Engine's default
     prefix_cache: bool = True
     threads: int | None = None
     max_queue: int = 256
@@ -66,8 +67,8 @@ class EngineReplica:
     def __init__(self, options: dict):
         o = ReplicaOptions(**options)
         self.engine = Engine(o.model, max_sequences=o.max_sequences, max_seq_len=o.max_seq_len,
-                             max_chunk=o.max_chunk, prefix_cache=o.prefix_cache, intra_op_threads=o.threads,
-                             speculative=o.speculative)
+                             max_chunk=o.max_chunk, prefill_budget=o.prefill_budget, prefix_cache=o.prefix_cache,
+                             intra_op_threads=o.threads, speculative=o.speculative)
         self.model = ServedModel.of(self.engine, o.name)
         self.worker = EngineWorker(self.engine, o.max_queue)
         self.worker.start()
