@@ -2,8 +2,9 @@
 
     python -m benchmarks.quick [--model models/gpt2] [--peers auto|leaders|core|none] [--threads 2]
 
-GPT-2 small (our export at --model; the peers' own formats from models/peers/), fp32, one round, every
-(system, workload) alone in its own process (benchmarks.isolate), short sizes (benchmarks.cpu_peers.SHORT):
+GPT-2 small's fp32 checkpoint (our fp32 export at --model; the peers' own formats from models/peers/), one
+round, every (system, workload) alone in its own process (benchmarks.isolate), short sizes
+(benchmarks.cpu_peers.SHORT):
     decode    one sequence: a fresh 32-id prompt, then 32 greedy tokens; ms per token after the first
               (median of 2 runs after 1 untimed)
     serving   16 requests at once, prompts U[8,64], outputs U[16,64] (exactly that many tokens);
@@ -12,6 +13,10 @@ Peers: the CPU leaders (OpenVINO GenAI, llama.cpp, CTranslate2; `bash scripts/se
 `.venv-peers/bin/python -m benchmarks.peer_models`) where installed, at fp32; without any of them, the
 core install's peers on the decode workload (HF transformers eager, onnxruntime-genai and a plain ORT
 loop on Optimum's export at MODEL-optimum). Each peer that is not installed is named with the reason.
+Pairs compute alike: our fp32 export against the peers' strict fp32 (OpenVINO with
+INFERENCE_PRECISION_HINT=f32); OpenVINO's default for an fp32 model computes in bf16 with a u8 KV cache,
+so it is paired with our export of the same checkpoint that computes in int8 (--best, default w8a8-kv8:
+int8 GEMMs and an int8 KV cache; made when missing). Each row names what it computes.
 The full comparison: `python -m benchmarks.leaders --rounds 3` and `python -m benchmarks.suite`.
 """
 from __future__ import annotations
@@ -25,18 +30,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .peer_workloads import LLAMA_BIN, SHORT, workload_requests
 from .isolate import Case, emit, out_dir, run_worker
+from .leaders import OURS, ensure_exports, export_dir
+from .peer_workloads import LLAMA_BIN, SHORT, workload_requests
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
 PEER_ROOT = REPO / "models" / "peers"
 SETUP = "run `bash scripts/setup_peers.sh`, then `.venv-peers/bin/python -m benchmarks.peer_models`"
 # leader: (precision shown, what it needs beyond .venv-peers, label)
-LEADERS = {"openvino": ("fp32-default", [PEER_ROOT / "gpt2-ov-fp32"], "OpenVINO GenAI"),
-           "llamacpp": ("f32", [LLAMA_BIN / "llama-bench", LLAMA_BIN / "llama-server", PEER_ROOT / "gpt2-f32.gguf"],
+LEADERS = {"openvino": (("fp32-strict", "fp32-default"), [PEER_ROOT / "gpt2-ov-fp32"], "OpenVINO GenAI"),
+           "llamacpp": (("f32",), [LLAMA_BIN / "llama-bench", LLAMA_BIN / "llama-server", PEER_ROOT / "gpt2-f32.gguf"],
                         "llama.cpp"),
-           "ct2": ("float32", [PEER_ROOT / "gpt2-ct2-float32"], "CTranslate2")}
+           "ct2": (("float32",), [PEER_ROOT / "gpt2-ct2-float32"], "CTranslate2")}
+LOW_PRECISION = {"fp32-default"}       # peer precisions paired with --best instead of our fp32 export
 CORE = {"hf-eager": "HF transformers (eager, torch)", "genai": "onnxruntime-genai", "ort-plain": "a plain ORT loop"}
 
 
@@ -123,6 +130,13 @@ def cpu_seconds() -> tuple[float, float]:
     return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK"), ours
 
 
+def detail(res: dict) -> str:
+    """What a peer's run computed (weights / compute / KV cache), from its worker's precision_detail."""
+    d = res.get("precision_detail") or {}
+    short = lambda v: str(v).split(" (")[0].split(";")[0]          # noqa: E731 -- the head of each description
+    return " / ".join(short(d[k]) for k in ("weights", "compute", "kv_cache") if k in d)
+
+
 def figure(res: dict) -> float | None:
     if "failed" in res:
         return None
@@ -139,6 +153,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="models/gpt2", help="our fp32 export of GPT-2 small (seed 0)")
     ap.add_argument("--peers", default="auto", choices=["auto", "leaders", "core", "none"],
                     help="auto: the CPU leaders that are installed, else the core install's peers")
+    ap.add_argument("--best", default="w8a8-kv8", choices=["none", *OURS],
+                    help="our export of the same checkpoint paired with OpenVINO's bf16 default (default w8a8-kv8; "
+                         "made next to --model when missing)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per process")
     ap.add_argument("--out-dir", type=Path, default=None, help="where the JSON goes (default benchmarks/out)")
@@ -148,22 +165,34 @@ def main(argv=None) -> None:
     if a.worker:
         return worker(a)
     t = str(a.threads)
-    ours = lambda w: ["kvcache-infer", "--model", a.model, "--workload", w, "--threads", t]   # noqa: E731
-    cases: dict[str, list[str] | Case] = {"kvcache-infer fp32 / decode": ours("decode"),
-                                          "kvcache-infer fp32 / serving": ours("serving")}
+    ours = lambda w, m: ["kvcache-infer", "--model", str(m), "--workload", w, "--threads", t]   # noqa: E731
+    cases: dict[str, list[str] | Case] = {f"kvcache-infer fp32 / {w}": ours(w, a.model) for w in ("decode", "serving")}
+    computes = {"kvcache-infer fp32": OURS["fp32"][1]}
     leaders, skipped = leaders_present() if a.peers in ("auto", "leaders") else ([], [])
+    best = None
+    if a.best != "none" and any(p in LOW_PRECISION for peer in leaders for p in LEADERS[peer][0]):
+        root, config = Path(a.model).parent, Path(a.model).name
+        ensure_exports([a.best], root, config)
+        best = f"kvcache-infer {a.best}"
+        computes[best] = OURS[a.best][1]
+        cases.update({f"{best} / {w}": ours(w, export_dir(root, config, a.best)) for w in ("decode", "serving")})
+    pairs = {}                                    # peer row -> our row computed alike
     for peer in leaders:
-        prec = LEADERS[peer][0]
-        for w in ("decode", "serving"):
-            cases[f"{LEADERS[peer][2]} {prec} / {w}"] = Case(
-                str(PEERS_PYTHON), "benchmarks.cpu_peers",
-                [peer, "--precision", prec, "--workload", w, "--threads", t, "--short"])
+        for prec in LEADERS[peer][0]:
+            if prec in LOW_PRECISION and best is None:
+                continue
+            row = f"{LEADERS[peer][2]} {prec}"
+            pairs[row] = best if prec in LOW_PRECISION else "kvcache-infer fp32"
+            for w in ("decode", "serving"):
+                cases[f"{row} / {w}"] = Case(str(PEERS_PYTHON), "benchmarks.cpu_peers",
+                                             [peer, "--precision", prec, "--workload", w, "--threads", t, "--short"])
     core = a.peers == "core" or (a.peers == "auto" and not leaders)
     if core:
         for name, label in CORE.items():
             cases[f"{label} / decode"] = [name, "--model", a.model, "--workload", "decode", "--threads", t]
-    print(f"short run: GPT-2 small ({a.model}, random weights, seed 0), fp32, {a.threads} threads, one round, "
-          f"each system alone in its own process", flush=True)
+            pairs[label] = "kvcache-infer fp32"
+    print(f"short run: GPT-2 small ({a.model}, random weights, seed 0), its fp32 checkpoint, {a.threads} threads, "
+          f"one round, each system alone in its own process", flush=True)
     print("  decode: one sequence, 32-token prompt, then 32 tokens; serving: 16 requests at once, outputs of "
           "16-64 tokens", flush=True)
     for line in skipped:
@@ -185,20 +214,21 @@ def main(argv=None) -> None:
         rows.setdefault(system, {})[w] = v
         if v is None:
             notes.append(f"{name} could not run here: {res['failed'][:200]}")
-    print(f"\n{'system':40s} {'decode ms/token':>16s} {'serving tokens/s':>17s}")
+        elif system not in computes:
+            computes[system] = detail(res)
+    print(f"\n{'system':34s} {'decode ms/token':>15s} {'serving tokens/s':>16s}   weights / compute / KV cache")
     for system, r in rows.items():
         d, s = r.get("decode"), r.get("serving")
-        print(f"{system:40s} {'-' if d is None else f'{d:.2f}':>16s} {'-' if s is None else f'{s:.0f}':>17s}")
-    ours = rows.get("kvcache-infer fp32", {})
-    for system, r in rows.items():
-        if system == "kvcache-infer fp32":
-            continue
+        print(f"{system:34s} {'-' if d is None else f'{d:.2f}':>15s} {'-' if s is None else f'{s:.0f}':>16s}   "
+              f"{computes.get(system, '')}")
+    for system, mine in pairs.items():
+        r, ours = rows.get(system, {}), rows.get(mine, {})
         said = [f"decode ms/token {ours['decode'] / r['decode']:.2f}x theirs (lower is better)"
                 if ours.get("decode") and r.get("decode") else "",
                 f"serving tokens/s {ours['serving'] / r['serving']:.2f}x theirs (higher is better)"
                 if ours.get("serving") and r.get("serving") else ""]
         if any(said):
-            print(f"kvcache-infer against {system}: " + ", ".join(x for x in said if x))
+            print(f"{mine} against {system}: " + ", ".join(x for x in said if x))
     for line in notes:
         print("note: " + line)
     cpu1, wall = cpu_seconds(), time.perf_counter() - t0
@@ -214,7 +244,7 @@ def main(argv=None) -> None:
                                 "other_work_cpu_share": others, "runs": runs}, indent=1, default=str) + "\n")
     full = ("python -m benchmarks.suite --rounds 3 (the core install's peers, every position and batch)" if core else
             "python -m benchmarks.leaders --rounds 3 (every precision, every workload)")
-    print(f"\nThis is a short run (one round, short workloads, fp32 only, on a machine that may be busy): not the "
+    print(f"\nThis is a short run (one round, short workloads, on a machine that may be busy): not the "
           f"published numbers.\nThe full comparison: {full}; everything: bash scripts/run.sh --full\n"
           f"wrote {path}")
 

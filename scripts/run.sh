@@ -6,8 +6,9 @@
 #   3. GPT-2 small (random weights, seed 0): our export and Optimum's, made when missing (~45 s), reused after;
 #   4. the Engine at work on it: 16 requests through continuous batching against sequential decoding, and
 #      8 requests sharing a 256-token prefix with the prefix cache on and off;
-#   5. the headline comparison (benchmarks/quick.py): one sequence's decode and a 16-request serving run,
-#      fp32, against the CPU leaders that are installed (OpenVINO GenAI, llama.cpp, CTranslate2: bash
+#   5. the headline comparison (benchmarks/quick.py): one sequence's decode and a 16-request serving run of
+#      the fp32 checkpoint (our fp32 export; our int8 export against OpenVINO's bf16 default), against the
+#      CPU leaders that are installed (OpenVINO GenAI, llama.cpp, CTranslate2: bash
 #      scripts/setup_peers.sh), or else the core install's peers (HF transformers, onnxruntime-genai, a plain
 #      ORT loop); the skipped ones are named with the reason.
 # One round, short workloads: not the published numbers. Every system runs alone in its own process.
@@ -56,7 +57,7 @@ if [ "$FULL" = 1 ]; then
 fi
 
 OUT=benchmarks/out/short        # apart from the full job's results in benchmarks/out/
-echo "This is the short run: one round, short workloads, fp32 only (not the published numbers)."
+echo "This is the short run: one round, short workloads, GPT-2 small's fp32 checkpoint (not the published numbers)."
 echo "The full job (about 45 minutes on two cores): bash scripts/run.sh --full"
 
 step "GPT-2 small (random weights, seed 0): our export (models/gpt2) and Optimum's (models/gpt2-optimum), made when missing"

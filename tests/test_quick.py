@@ -35,3 +35,11 @@ def test_a_leader_missing_its_model_is_skipped_alone(monkeypatch, tmp_path):
     ok, skipped = quick.leaders_present()
     assert ok == ["openvino", "llamacpp"]
     assert len(skipped) == 1 and skipped[0].startswith("CTranslate2: models/peers/absent is missing")
+
+
+def test_rows_name_what_a_peer_computed():
+    res = {"precision_detail": {"weights": "fp32 (IR as exported, no compression)",
+                                "compute": "inference precision bf16; compressed weights run with ...", "kv_cache": "u8"}}
+    assert quick.detail(res) == "fp32 / inference precision bf16 / u8"
+    assert quick.detail({}) == ""
+    assert quick.LOW_PRECISION <= {p for precs, _, _ in quick.LEADERS.values() for p in precs}
