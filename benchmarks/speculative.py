@@ -167,9 +167,10 @@ def llama_worker(a) -> None:
 
     retries = 0
 
-    def run(prompt: str, n: int, tries: int = 3) -> tuple[int, float, str, dict]:
+    def run(prompt: str, n: int, tries: int = 5) -> tuple[int, float, str, dict]:
         nonlocal retries
-        p = subprocess.run([str(tool), "-m", str(gguf), "-p", prompt, "-n", str(n - 1), "-t", str(a.threads),
+        # -n N decodes N + 1 tokens (and -n 0 decodes until the context is full)
+        p = subprocess.run([str(tool), "-m", str(gguf), "-p", prompt, "-n", str(max(n - 1, 1)), "-t", str(a.threads),
                             "-c", "1024", "--temp", "0", "--ignore-eos", "--spec-draft-n-max", str(drafts),
                             "--seed", "0"], capture_output=True, text=True, timeout=600)
         if p.returncode != 0:
@@ -184,7 +185,7 @@ def llama_worker(a) -> None:
                 return run(prompt, n, tries - 1)
             raise RuntimeError(f"llama-lookup printed no timings: ...{log[-600:]}")
         return got["decoded"][0], got["encoded"][1] + got["decoded"][1], text, counts
-    run(*[pairs[0][0], len(tok.encode(pairs[0][1]).ids)])             # untimed
+    run(pairs[0][0], len(tok.encode(pairs[0][1]).ids))             # untimed
     tokens, seconds, copied, outputs, drafted, kept = 0, 0.0, 0, [], 0, 0
     for prompt, want in pairs:
         # it may decode a few tokens past -n (guesses kept in its last step): its own count is used
@@ -195,11 +196,11 @@ def llama_worker(a) -> None:
         drafted, kept = drafted + counts.get("n_drafted", 0), kept + counts.get("n_accept", 0)
     version = subprocess.run([str(tool), "--version"], capture_output=True, text=True)
     steps = tokens - kept if drafts else 0            # each of its steps yields the guesses kept + 1
-    none = {"speculative_steps": steps, "draft_tokens": drafted, "accepted_tokens": kept,
-            "acceptance_rate": kept / drafted if drafted else 0.0,
-            "tokens_per_speculative_step": tokens / steps if steps else 0.0}
+    stats = {"speculative_steps": steps, "draft_tokens": drafted, "accepted_tokens": kept,
+             "acceptance_rate": kept / drafted if drafted else 0.0,
+             "tokens_per_speculative_step": tokens / steps if steps else 0.0}
     emit({"model": a.model, "workload": a.workload, "mode": a.mode, "tokens": tokens, "seconds": seconds,
-          "tokens_per_s": tokens / seconds, "prompts": len(pairs), "copied": copied, "speculation": none,
+          "tokens_per_s": tokens / seconds, "prompts": len(pairs), "copied": copied, "speculation": stats,
           "outputs_hash": hashlib.sha1(json.dumps(outputs).encode()).hexdigest(), "weights": "f32 (GGUF)", "outputs_kind": "text",
           "versions": {"llama.cpp": " ".join((version.stdout + version.stderr).split())[:200]},
           "threads": a.threads, "draft_max": drafts,
