@@ -125,6 +125,8 @@ def main(argv=None) -> None:
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--form", default=None)
     a = ap.parse_args(argv)
+    if not all(1 <= n < CAPACITY for n in a.lengths):
+        ap.error(f"--lengths must be in [1, {CAPACITY - 1}] (the caches hold {CAPACITY} tokens), got {a.lengths}")
     if a.worker:
         return worker(a)
     common = ["--rows", str(a.rows), "--lengths", *map(str, a.lengths), "--threads", str(a.threads),

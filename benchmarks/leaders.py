@@ -138,7 +138,7 @@ def _serving(model, V, slots: int) -> dict:
     ttft = [h.ttft for h in handles]
     return {"requests": len(reqs), "slots": slots, "generated_tokens": got, "wall_s": end, "tokens_per_s": got / end,
             "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
-            "runs": eng.stats["runs"]}
+            "runs": eng.stats["runs"], "prefill_budget": eng.scheduler.prefill_budget}
 
 
 def _shared_prefix(model, V) -> dict:

@@ -56,9 +56,11 @@ def engine_system(name: str) -> tuple[int, int | None] | None:
 
 
 def system_arg(name: str) -> str:
-    if name in SYSTEMS or engine_system(name):
+    engine = engine_system(name)
+    if name in SYSTEMS or (engine and engine[0] >= 1 and (engine[1] is None or engine[1] >= 1)):
         return name
-    raise argparse.ArgumentTypeError(f"unknown system {name!r}: one of {', '.join(SYSTEMS)} or engine-N[-pB]")
+    raise argparse.ArgumentTypeError(f"unknown system {name!r}: one of {', '.join(SYSTEMS)} or engine-N[-pB] "
+                                     "(N slots >= 1, B prompt tokens a step >= 1)")
 
 
 def run_engine(model_dir: Path, reqs: list[dict], threads: int, slots: int, prefill_budget: int | None = None) -> dict:

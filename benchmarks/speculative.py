@@ -178,7 +178,8 @@ def llama_worker(a) -> None:
         log = p.stdout + p.stderr
         got = {k: (int(t), float(s)) for k, t, s in timing.findall(log)}
         counts = {k: int(v) for k, v in re.findall(r"(n_drafted|n_accept)\s+=\s+(\d+)", log)}
-        text = p.stdout[p.stdout.find(prompt) + len(prompt):] if prompt in p.stdout else p.stdout
+        # its output echoes the prompt, then the new text; without the echo nothing is counted as copied
+        text = p.stdout[p.stdout.find(prompt) + len(prompt):] if prompt in p.stdout else None
         if len(got) < 2 or len(counts) < 2:                 # its log thread sometimes loses the last lines
             if tries > 1:
                 retries += 1
@@ -186,12 +187,13 @@ def llama_worker(a) -> None:
             raise RuntimeError(f"llama-lookup printed no timings: ...{log[-600:]}")
         return got["decoded"][0], got["encoded"][1] + got["decoded"][1], text, counts
     run(pairs[0][0], len(tok.encode(pairs[0][1]).ids))             # untimed
-    tokens, seconds, copied, outputs, drafted, kept = 0, 0.0, 0, [], 0, 0
+    tokens, seconds, copied, outputs, drafted, kept, unechoed = 0, 0.0, 0, [], 0, 0, 0
     for prompt, want in pairs:
         # it may decode a few tokens past -n (guesses kept in its last step): its own count is used
         n, s, text, counts = run(prompt, len(tok.encode(want).ids))
         tokens, seconds = tokens + n, seconds + s
-        copied += text.startswith(want)
+        copied += text is not None and text.startswith(want)
+        unechoed += text is None
         outputs.append(text)
         drafted, kept = drafted + counts.get("n_drafted", 0), kept + counts.get("n_accept", 0)
     version = subprocess.run([str(tool), "--version"], capture_output=True, text=True)
@@ -204,7 +206,8 @@ def llama_worker(a) -> None:
           "outputs_hash": hashlib.sha1(json.dumps(outputs).encode()).hexdigest(), "weights": "f32 (GGUF)", "outputs_kind": "text",
           "versions": {"llama.cpp": " ".join((version.stdout + version.stderr).split())[:200]},
           "threads": a.threads, "draft_max": drafts,
-          "reruns_for_lost_timings": retries})
+          "reruns_for_lost_timings": retries, "outputs_without_the_prompt_echoed": unechoed,
+          "tokens_per_step_counts": "every step (llama-lookup does not say which steps had guesses)"})
 
 
 def worker(a) -> None:

@@ -1,6 +1,6 @@
 """Whether a token verified inside a tree gets the same logits bits as in a chain.
 
-    python -m benchmarks.tree_exactness [--model models/gpt2] [--trials 10]
+    python -m benchmarks.tree_exactness [--model models/gpt2] [--trials 10] [--publish]
 
 For speculative decoding with a tree of guesses: after a random prompt, the chain x, y, z runs as one
 sequence's chunk (Engine.advance, a logits row per token), and the same path runs inside a tree whose
@@ -8,7 +8,7 @@ siblings sit between its nodes (x, w1, w2 below the prompt's last token and w1; 
 rows x, w1, w2, y, z). Reports, for the rows of x, y and z, how many trials differ from the chain and
 the largest difference. A row after a sibling is masked out of its attention by the attention bias; if
 its logits differ in the last bits, a tree's accepted branch is not what plain decoding computes.
-JSON under benchmarks/out/.
+JSON under benchmarks/out/ (benchmarks/results/ with --publish).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/gpt2")
     ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--publish", action="store_true")
     a = ap.parse_args(argv)
     model = Model(a.model)
     V = model.manifest.vocab_size
@@ -50,7 +51,7 @@ def main(argv=None) -> None:
            "max_abs_diff": worst, "environment": environment(None)}
     print(f"{a.model}: of {a.trials} trials, rows x / y / z differ from the chain in {differ} "
           f"(largest |diff| {', '.join(f'{w:.2e}' for w in worst)})")
-    path = out_dir(False) / "tree_exactness.json"
+    path = out_dir(a.publish) / "tree_exactness.json"
     path.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {path}")
 

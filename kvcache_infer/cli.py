@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seq-len", type=int, default=None, help="tokens per sequence (default: the model's limit)")
     s.add_argument("--max-chunk", type=int, default=64, help="prompt tokens one sequence feeds per step (default 64)")
     s.add_argument("--prefill-budget", type=int, default=None,
-                   help="prompt tokens all sequences feed per step (default 256; lower: fewer pauses in streaming "
-                        "answers while prompts arrive, higher: prompts done sooner)")
+                   help="prompt tokens all sequences feed per step (default 256, at least --max-chunk; lower: fewer "
+                        "pauses in streaming answers while prompts arrive, higher: prompts done sooner)")
     s.add_argument("--no-prefix-cache", action="store_true", help="do not keep finished sequences for prefix reuse")
     s.add_argument("--speculative", default=None, metavar="lookup|draft:PATH",
                    help=SPECULATIVE_HELP)

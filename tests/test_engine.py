@@ -320,7 +320,7 @@ def test_prefill_budget_caps_prompt_tokens_per_step_and_leaves_tokens_unchanged(
             Engine(path, max_sequences=2, max_seq_len=64, prefill_budget=bad)
     prompts = [rng.integers(0, V, n).tolist() for n in (30, 17, 25, 9)]
     outs = {}
-    for budget in (8, 16, 256):
+    for budget in (5, 8, 16, 256):                     # 5: below max_chunk, prompts are cut at multiples of 5
         eng = Engine(path, max_sequences=4, max_seq_len=64, max_chunk=8, prefill_budget=budget)
         fed, real = [], eng.advance
 
@@ -330,4 +330,4 @@ def test_prefill_budget_caps_prompt_tokens_per_step_and_leaves_tokens_unchanged(
         eng.advance = spy
         outs[budget] = eng.generate(prompts, 6)
         assert max(fed) <= budget and max(fed) == min(budget, 32)       # 4 prompts of chunks up to 8 each
-    assert outs[8] == outs[16] == outs[256]
+    assert outs[5] == outs[8] == outs[16] == outs[256]

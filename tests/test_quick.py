@@ -42,4 +42,3 @@ def test_rows_name_what_a_peer_computed():
                                 "compute": "inference precision bf16; compressed weights run with ...", "kv_cache": "u8"}}
     assert quick.detail(res) == "fp32 / inference precision bf16 / u8"
     assert quick.detail({}) == ""
-    assert quick.LOW_PRECISION <= {p for precs, _, _ in quick.LEADERS.values() for p in precs}
