@@ -101,7 +101,7 @@ def _serving_int4() -> str:
 
 
 def _serving_budget() -> str:
-    a = _load("serving_gpt2-w8a8-kv8_all")
+    a = _load("serving_budget_gpt2-w8a8-kv8_all")
     lines = ["| system (slots, prompt tokens per step) | tokens/s | TTFT p50 / p99 (s) | per token p50 / p99 (ms) |",
              "|---" * 4 + "|"]
     for name, s in a["summary"].items():

@@ -130,6 +130,18 @@ def cpu_seconds() -> tuple[float, float]:
     return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK"), ours
 
 
+def pairing(leaders: list[str], best: str | None) -> dict[str, tuple[str, str, str]]:
+    """{peer row: (peer, precision, our row computed alike)}: strict fp32 against our fp32 export, the
+    low-precision defaults against `best` (our row of the export that computes in int8; None: left out)."""
+    pairs = {}
+    for peer in leaders:
+        for prec in LEADERS[peer][0]:
+            if prec in LOW_PRECISION and best is None:
+                continue
+            pairs[f"{LEADERS[peer][2]} {prec}"] = (peer, prec, best if prec in LOW_PRECISION else "kvcache-infer fp32")
+    return pairs
+
+
 def detail(res: dict) -> str:
     """What a peer's run computed (weights / compute / KV cache), from its worker's precision_detail."""
     d = res.get("precision_detail") or {}
@@ -176,16 +188,12 @@ def main(argv=None) -> None:
         best = f"kvcache-infer {a.best}"
         computes[best] = OURS[a.best][1]
         cases.update({f"{best} / {w}": ours(w, export_dir(root, config, a.best)) for w in ("decode", "serving")})
-    pairs = {}                                    # peer row -> our row computed alike
-    for peer in leaders:
-        for prec in LEADERS[peer][0]:
-            if prec in LOW_PRECISION and best is None:
-                continue
-            row = f"{LEADERS[peer][2]} {prec}"
-            pairs[row] = best if prec in LOW_PRECISION else "kvcache-infer fp32"
-            for w in ("decode", "serving"):
-                cases[f"{row} / {w}"] = Case(str(PEERS_PYTHON), "benchmarks.cpu_peers",
-                                             [peer, "--precision", prec, "--workload", w, "--threads", t, "--short"])
+    pairs = pairing(leaders, best)
+    for row, (peer, prec, _) in pairs.items():
+        for w in ("decode", "serving"):
+            cases[f"{row} / {w}"] = Case(str(PEERS_PYTHON), "benchmarks.cpu_peers",
+                                         [peer, "--precision", prec, "--workload", w, "--threads", t, "--short"])
+    pairs = {row: mine for row, (_, _, mine) in pairs.items()}
     core = a.peers == "core" or (a.peers == "auto" and not leaders)
     if core:
         for name, label in CORE.items():

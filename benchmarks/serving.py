@@ -258,6 +258,7 @@ def main() -> None:
     ap.add_argument("--publish", action="store_true", help="write to benchmarks/results (committed) instead of "
                     "benchmarks/out")
     ap.add_argument("--out-dir", type=Path, default=None, help="where results go (overrides --publish's choice)")
+    ap.add_argument("--name", default=None, help="the files' stem before _ARRIVAL (default serving_MODEL)")
     ap.add_argument("--replot", type=Path, default=None, metavar="JSON", help="rebuild the plots of a result file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--base", default=None, help=argparse.SUPPRESS)
@@ -288,7 +289,7 @@ def main() -> None:
                       "agree_with_sequential": agreement(results, "sequential"),
                       "rounds": {s: [{k: v for k, v in r.items() if k not in ("outputs", "memory_timeline")}
                                      for r in rs] for s, rs in results.items()}}
-            stem = f"serving_{model.name}_{arrival}"
+            stem = f"{a.name or 'serving_' + model.name}_{arrival}"
             mem = next((r for r in results.get("engine-16", []) if "memory_timeline" in r), None)
             if mem:
                 record["memory_engine16_round1"] = {k: mem[k] for k in ("memory_timeline", "total_cache_bytes",

@@ -42,3 +42,11 @@ def test_rows_name_what_a_peer_computed():
                                 "compute": "inference precision bf16; compressed weights run with ...", "kv_cache": "u8"}}
     assert quick.detail(res) == "fp32 / inference precision bf16 / u8"
     assert quick.detail({}) == ""
+
+
+def test_peers_are_paired_with_our_export_that_computes_alike():
+    pairs = quick.pairing(["openvino", "llamacpp"], "kvcache-infer w8a8-kv8")
+    assert pairs == {"OpenVINO GenAI fp32-strict": ("openvino", "fp32-strict", "kvcache-infer fp32"),
+                     "OpenVINO GenAI fp32-default": ("openvino", "fp32-default", "kvcache-infer w8a8-kv8"),
+                     "llama.cpp f32": ("llamacpp", "f32", "kvcache-infer fp32")}
+    assert "OpenVINO GenAI fp32-default" not in quick.pairing(["openvino"], None)       # --best none
