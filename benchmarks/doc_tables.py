@@ -89,25 +89,18 @@ def _serving() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _serving_int4() -> str:
-    a = _load("serving_gpt2-int4_all")
-    lines = ["| system | tokens/s | TTFT p50 / p99 (s) | per token p50 / p99 (ms) | identical to sequential |",
-             "|---" * 5 + "|"]
-    for name, s in a["summary"].items():
-        lines.append(f"| {name} | {_r(s['tokens_per_s'])} | {s['ttft_p50_s']['median']:.2f} / "
-                     f"{s['ttft_p99_s']['median']:.2f} | {s['per_token_p50_ms']['median']:.1f} / "
-                     f"{s['per_token_p99_ms']['median']:.1f} | {a['agree_with_sequential'][name]}/{a['requests']} |")
-    return "\n".join(lines) + "\n"
-
-
-def _serving_budget() -> str:
-    a = _load("serving_budget_gpt2-w8a8-kv8_all")
-    lines = ["| system (slots, prompt tokens per step) | tokens/s | TTFT p50 / p99 (s) | per token p50 / p99 (ms) |",
-             "|---" * 4 + "|"]
-    for name, s in a["summary"].items():
-        lines.append(f"| {name} | {_r(s['tokens_per_s'])} | {s['ttft_p50_s']['median']:.2f} / "
-                     f"{s['ttft_p99_s']['median']:.2f} | {s['per_token_p50_ms']['median']:.1f} / "
-                     f"{s['per_token_p99_ms']['median']:.1f} |")
+def _serving_table(name: str, first: str = "system", agreement: bool = True) -> str:
+    """A serving JSON's summary: tokens/s, TTFT, per-token gaps (and agreement with sequential decoding)."""
+    a = _load(name)
+    cols = [first, "tokens/s", "TTFT p50 / p99 (s)", "per token p50 / p99 (ms)"] + \
+        (["identical to sequential"] if agreement else [])
+    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    for sys_name, s in a["summary"].items():
+        cells = [sys_name, _r(s["tokens_per_s"]), f"{s['ttft_p50_s']['median']:.2f} / {s['ttft_p99_s']['median']:.2f}",
+                 f"{s['per_token_p50_ms']['median']:.1f} / {s['per_token_p99_ms']['median']:.1f}"]
+        if agreement:
+            cells.append(f"{a['agree_with_sequential'][sys_name]}/{a['requests']}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -234,8 +227,9 @@ BLOCKS = {
     "suite-first-token": _suite_first_token,
     "suite-exports": _suite_exports,
     "serving": _serving,
-    "serving-int4": _serving_int4,
-    "serving-budget": _serving_budget,
+    "serving-int4": lambda: _serving_table("serving_gpt2-int4_all"),
+    "serving-budget": lambda: _serving_table("serving_budget_gpt2-w8a8-kv8_all",
+                                             "system (slots, prompt tokens per step)", agreement=False),
     "attention-kernels": _attention_kernels,
     "shared-prefix": _shared_prefix,
     "tree-search": lambda: _tree_search("tree_search_gpt2"),

@@ -40,10 +40,13 @@ class ContinuousBatching(abc.ABC):
         self.speculative = speculative
         if speculative is not None:
             speculative.check(self.model)
-            if self._max_drafts < 1:
-                raise InvalidInputError("speculative decoding verifies the last token and its guesses as one "
-                                        "chunk; max_chunk=1 leaves no room: construct the Engine with max_chunk >= 2")
+            self._check_room_for_guesses()
         self.speculation = SpeculationTotals()            # over every request so far: new ones start from it
+
+    def _check_room_for_guesses(self) -> None:
+        if self._max_drafts < 1:
+            raise InvalidInputError("speculative decoding verifies the last token and its guesses as one chunk; "
+                                    "this Engine has max_chunk=1: construct it with max_chunk >= 2")
 
     # -- the step primitives this class drives ---------------------------------------------------
     @abc.abstractmethod
@@ -82,9 +85,8 @@ class ContinuousBatching(abc.ABC):
             proposer_arg(speculative)
         if proposer is not None and proposer is not self.speculative:
             proposer.check(self.model)
-        if proposer is not None and self._max_drafts < 1:
-            raise InvalidInputError("speculative decoding verifies the last token and its guesses as one chunk; "
-                                    "this Engine has max_chunk=1: construct it with max_chunk >= 2")
+        if proposer is not None:
+            self._check_room_for_guesses()
         sampler = Sampler(temperature, top_k, top_p, seed, vocab=V)
         tok, prompt = encode_prompt(self.model, prompt)
         ids = self.check_ids(prompt, "the prompt")
