@@ -17,7 +17,7 @@ from .runtime.metrics import LatencyTracker, MemoryProfile, Metrics
 from .runtime.model import Model, shared_model
 from .runtime.runs import PackedRun, PaddedRun
 from .runtime.snapshot import CacheSnapshot, check, take
-from .runtime.speculative import Proposer, Speculation, SpeculationTotals, accept, proposer_arg
+from .runtime.speculative import MAX_DRAFTS, Proposer, Speculation, SpeculationTotals, accept, proposer_arg
 
 
 class KVCacheInferencer:
@@ -141,19 +141,21 @@ class KVCacheInferencer:
         """decode() with guesses (runtime/speculative.py): each run feeds the last token and up to k
         drafts and yields the kept drafts plus the model's next token."""
         spec = Speculation(proposer, self._speculation)
-        start = self.position
-        tokens = [int(t) for t in prompt]
+        start, P = self.position, len(prompt)
+        seq = np.empty(P + max_new_tokens + MAX_DRAFTS, np.int64)   # the prompt and the tokens so far
+        seq[:P] = prompt
+        L = P                                                        # tokens in seq
         try:
-            tokens.append(int(step(prompt)))
-            made = 1
-            yield tokens[-1]
-            while tokens[-1] not in stop and made < max_new_tokens:
-                k = spec.next_length(max_new_tokens - made - 1)
-                drafts = spec.propose(np.asarray(tokens, np.int64), k) if k else ()
+            seq[L] = step(prompt)
+            L += 1
+            yield int(seq[L - 1])
+            while int(seq[L - 1]) not in stop and L - P < max_new_tokens:
+                k = spec.next_length(max_new_tokens - (L - P) - 1)
+                drafts = spec.propose(seq[:L], k) if k else ()
                 if not len(drafts):
-                    new = [int(step(np.array(tokens[-1:], np.int64)))]
+                    new = [int(step(seq[L - 1:L]))]
                 else:
-                    feed = np.array([[tokens[-1], *drafts]], np.int64)
+                    feed = np.concatenate([seq[L - 1:L], drafts])[None]         # [1, 1 + k]
                     with self._enter("stream"):
                         self._check_ids(feed)
                         out = self._run(feed, sampler.greedy, all_positions=True)     # [n] tokens or [1, n, V]
@@ -162,17 +164,17 @@ class KVCacheInferencer:
                         self.cache.truncate(self.position - (len(drafts) + 1 - len(new)))   # rejected rows
                     spec.verified(len(drafts), len(new) - 1)
                 for t in new:
-                    tokens.append(t)
-                    made += 1
+                    seq[L] = t
+                    L += 1
                     yield t
                     if t in stop:
                         break
         finally:
             # hold what plain decoding holds: the prompt and every token yielded but the last (kept
             # guesses not yielded yet, when the caller stops early, are dropped)
-            if self.position > start + len(tokens) - 1 and self._busy.acquire(blocking=False):
+            if self.position > start + L - 1 and self._busy.acquire(blocking=False):
                 try:
-                    self.cache.truncate(start + len(tokens) - 1)
+                    self.cache.truncate(start + L - 1)
                 finally:
                     self._busy.release()
             spec.close()

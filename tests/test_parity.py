@@ -77,6 +77,24 @@ def test_chunked_prefill_equals_one_shot(chunks, exported, rng):
         np.testing.assert_allclose(inf.forward(tokens[t:t + 1]), one.forward(tokens[t:t + 1]), atol=1e-5, rtol=0)
 
 
+def test_chunks_of_many_shapes_in_turn_match_pytorch(exported, hf_models, rng):
+    """Chunks of 1 .. 13 tokens, then 1 .. 5 again in another order, with a greedy step after
+    each: more run shapes than a run keeps bindings for (runs.IO_BINDINGS), so bindings are reused,
+    evicted and rebound; every chunk's logits stay PyTorch's, every step's token PyTorch's argmax.
+    (Speculative verification's all-position runs of every length: test_speculative.)"""
+    from kvcache_infer.runtime.runs import IO_BINDINGS
+    lengths = list(range(1, 14)) + [int(n) for n in rng.permutation(np.arange(1, 6))]   # 104 + 20 tokens
+    assert len(set(lengths)) + 1 > IO_BINDINGS
+    tokens = rng.integers(0, 1000, size=sum(lengths) + len(lengths))
+    ref = hf_logits(hf_models["tiny-a"], tokens[None])[0]                     # [T, V]
+    inf = KVCacheInferencer(exported["tiny-a"], max_seq_len=len(tokens))
+    pos = 0
+    for n in lengths:
+        np.testing.assert_allclose(inf.forward(tokens[pos:pos + n]), ref[pos + n - 1], atol=ATOL, rtol=0)
+        assert inf.next_tokens(tokens[pos + n:pos + n + 1]) == ref[pos + n].argmax()
+        pos += n + 1
+
+
 @pytest.mark.parametrize("prefill_chunk", [1, 7, 16, 39])
 def test_prefill_chunk_runs_equal_one_run(prefill_chunk, exported, hf_models, rng):
     """A prompt longer than prefill_chunk runs as several runs: same logits (PyTorch's), same next

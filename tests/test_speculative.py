@@ -59,6 +59,28 @@ def test_prompt_lookup_proposes_what_followed_the_ngram():
                                   [9, 1, 2, 7, 1, 2])                   # none has 9 after it: the earliest
 
 
+def _lookup_reference(tokens: list[int], k: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """Prompt lookup written out: the longest n-gram ending the sequence that occurs earlier with a token
+    after it; the latest such occurrence followed by k tokens, else the earliest."""
+    L = len(tokens)
+    for n in range(min(max_ngram, L - 1), min_ngram - 1, -1):
+        starts = [i + n for i in range(L - n) if tokens[i:i + n] == tokens[L - n:]]
+        if starts:
+            whole = [s for s in starts if s + k <= L]
+            s = whole[-1] if whole else starts[0]
+            return tokens[s:s + k]
+    return []
+
+
+@pytest.mark.parametrize("max_ngram,min_ngram", [(3, 1), (4, 2), (2, 2), (1, 1), (5, 3)])
+def test_prompt_lookup_equals_the_written_out_rule(max_ngram, min_ngram):
+    pl, rng = PromptLookup(max_ngram, min_ngram), np.random.default_rng(max_ngram * 10 + min_ngram)
+    for _ in range(500):                      # few distinct tokens: many repeats, ties, partial matches
+        t = rng.integers(0, int(rng.integers(1, 5)), int(rng.integers(0, 50)))
+        k = int(rng.integers(1, 10))
+        assert list(pl.propose(t.astype(np.int64), k)) == _lookup_reference(t.tolist(), k, max_ngram, min_ngram)
+
+
 @pytest.mark.parametrize("name", ["tiny-a", "tiny-wide"])
 def test_inferencer_greedy_is_plain_greedy_with_every_proposer(name, exported, draft_dir, rng):
     model = Model(exported[name])

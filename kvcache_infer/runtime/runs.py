@@ -13,6 +13,7 @@ lengths after it succeeded.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from typing import NamedTuple
 
 import numpy as np
@@ -31,6 +32,10 @@ from .model import Model
 # the fp32 head and its ArgMax, 2 rows 4.7 against 8.1, 4 rows 8.1 against 7.5, 16 rows 30.7 against
 # 14.1).
 MAX_PICK_ROWS = 2
+
+# Bindings kept per PackedRun, one per run shape: a speculative sequence alternates one-token steps
+# with verifications of 2 .. MAX_DRAFTS + 1 tokens; rebinding ~20 inputs costs ~0.06 ms a run.
+IO_BINDINGS = 12
 
 
 def run_bound(model: Model, io: ort.IOBinding, what: str) -> None:
@@ -193,8 +198,8 @@ class PackedRun(BoundRun):
         self._no_probe = HostArray(1, np.float32) if m.greedy_probe else None
         self._arange = np.arange(max(self.max_tokens, C + max_chunk), dtype=np.int64)   # positions, indices
         self._neg = np.finfo(m.np_dtype).min
-        self.io = model.session.io_binding()
-        self._bound = None        # the shapes of the current bindings
+        self.io: ort.IOBinding | None = None   # the bindings of the current run's shapes
+        self._ios: OrderedDict[tuple, list] = OrderedDict()   # shapes -> [IOBinding, cache rows bound]
         self._views = (None, None, None)   # (R, logits [R,V], next tokens [R]) views of the outputs
         self._lockstep = None     # (B, n, all_positions, pick) whose constant inputs are in place
 
@@ -202,14 +207,32 @@ class PackedRun(BoundRun):
     def io_bytes(self) -> int:
         arrays = [self._ids, self._pos, self._cache_len, self._q_len, self._padded, self._cells, self._keep,
                   self._zero_bias, self._logits, self._next] + ([self._tree_bias] if self._tree_bias else [])
-        arrays += list(self._greedy or ())
+        arrays += list(self._greedy or ()) + list(self._big or ())
         return sum(a.nbytes for a in arrays)
 
     def _bind(self, T: int, B: int, S: int, R: int, tree: bool, G: int = 0) -> None:
+        """Makes self.io the bindings for these shapes: one of the last IO_BINDINGS shapes' bindings as
+        they are (runs that alternate shapes, as speculative decoding's steps and verifications do,
+        bind nothing), else the least recently used one rebound."""
         key = (T, B, S, R, tree, G)
-        if key == self._bound:
+        entry = self._ios.get(key)
+        if entry is not None:
+            self._ios.move_to_end(key)
+            self.io = entry[0]
             return
-        m, io, C = self.m, self.io, self.cache.capacity
+        if R > self.max_logits and (self._big is None or self._big[1].array.size < R):
+            # more rows than preallocated (scoring a long text): grow-only buffers; bindings of the
+            # old ones go
+            self._big = (HostArray(R * self.m.vocab_size, np.float32), HostArray(R, np.int64))
+            self._views = (None, None, None)
+            for k in [k for k in self._ios if k[3] > self.max_logits]:
+                del self._ios[k]
+        if len(self._ios) < IO_BINDINGS:
+            entry = [self.model.session.io_binding(), None]
+        else:
+            entry = self._ios.popitem(last=False)[1]
+        self._ios[key] = entry
+        m, io, C = self.m, entry[0], self.cache.capacity
         self._ids.bind_input(io, m.input_ids, [T])
         self._pos.bind_input(io, m.position_ids, [T])
         self._cache_len.bind_input(io, m.cache_lengths, [B])
@@ -219,9 +242,6 @@ class PackedRun(BoundRun):
         self._keep.bind_input(io, m.logits_index, [R])
         bias = self._tree_bias if tree else self._zero_bias
         bias.bind_input(io, m.attention_bias, [B if tree else 1, 1, S, C])
-        if R > self.max_logits:   # more rows than preallocated (scoring a long text): buffers for this shape
-            self._big = (HostArray(R * m.vocab_size, np.float32), HostArray(R, np.int64))
-            self._views = (None, None, None)
         logits, nxt = self._big if R > self.max_logits else (self._logits, self._next)
         logits.bind_output(io, m.logits, [R, m.vocab_size])
         nxt.bind_output(io, m.next_token, [R])
@@ -231,9 +251,10 @@ class PackedRun(BoundRun):
         if self._no_probe:
             self._no_probe.bind_input(io, m.greedy_probe, [0, m.hidden_size])
             self._no_probe.bind_output(io, m.greedy_probe_scores, [0, m.vocab_size])
-        if self._bound is None or self._bound[1] != B:
+        if entry[1] != B:
             self.cache.bind(io, B)
-        self._bound = key
+            entry[1] = B
+        self.io = io
 
     def _outputs(self, R: int) -> tuple[np.ndarray, np.ndarray]:
         if self._views[0] != R:

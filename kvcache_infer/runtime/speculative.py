@@ -85,14 +85,22 @@ class PromptLookup(Proposer, Drafter):
 
     def propose(self, tokens: np.ndarray, k: int) -> np.ndarray:
         L = len(tokens)
-        for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
-            windows = np.lib.stride_tricks.sliding_window_view(tokens[:L - 1], n)   # [L - n, n], each followed by a token
-            hits = np.flatnonzero((windows == tokens[L - n:]).all(1))
-            if hits.size:
-                whole = hits[hits + n + k <= L]          # occurrences followed by k tokens: the latest of them
-                start = int(whole[-1] if whole.size else hits[0]) + n
-                return tokens[start:start + k]
-        return tokens[:0]
+        found = None                                      # (n, ends): the longest n-gram's earlier occurrences
+        match = None                                      # match[e - n + 1]: tokens[e-n+1 .. e] == the last n
+        for n in range(1, min(self.max_ngram, L - 1) + 1):   # end e in [n - 1, L - 2]: a token follows
+            same = tokens[:L - n] == tokens[L - n]        # [L - n] tokens[e - n + 1] == tokens[L - n]
+            match = same if match is None else match[1:] & same
+            hits = np.flatnonzero(match)
+            if not hits.size:
+                break
+            if n >= self.min_ngram:
+                found = (n, hits + n)                     # where the tokens that followed each occurrence start
+        if found is None:
+            return tokens[:0]
+        starts = found[1]
+        whole = starts[starts + k <= L]                   # occurrences followed by k tokens: the latest of them
+        start = int(whole[-1] if whole.size else starts[0])
+        return tokens[start:start + k]
 
     def __repr__(self) -> str:
         return f"PromptLookup(max_ngram={self.max_ngram}, min_ngram={self.min_ngram})"
