@@ -192,7 +192,10 @@ def _http_ray() -> str:
 
 SPEC_MODES = {"plain": "plain decoding (KVCacheInferencer.generate)", "lookup": "prompt lookup (inferencer)",
               "engine": "prompt lookup (Engine, one request)", "wrong": "every guess wrong (acceptance 0)",
-              "ov-plain": "OpenVINO GenAI LLMPipeline, plain", "ov-lookup": "OpenVINO GenAI, its prompt lookup",
+              "ov-plain": "OpenVINO GenAI LLMPipeline, plain (its CPU default: bf16 compute)",
+              "ov-lookup": "OpenVINO GenAI, its prompt lookup (bf16 compute)",
+              "ov-f32-plain": "OpenVINO GenAI LLMPipeline, plain, strict f32",
+              "ov-f32-lookup": "OpenVINO GenAI, its prompt lookup, strict f32",
               "llamacpp-plain": "llama.cpp llama-lookup, no drafts", "llamacpp-lookup": "llama.cpp llama-lookup, 5 drafts",
               "serving plain": "Engine, 16 slots, plain", "serving engine": "Engine, 16 slots, prompt lookup"}
 

@@ -1,6 +1,6 @@
 """Speculative decoding against plain one-sequence decoding: generated tokens per second, greedy.
 
-    python -m benchmarks.speculative [--cases pybytes:code-edit gpt2:random ...] [--rounds 3] [--publish]
+    python -m benchmarks.speculative [--cases pybytes:code-edit gpt2:random:plain,lookup ...] [--rounds 3] [--publish]
 
 Workloads (each prompt decoded alone, greedy, every mode in its own process, rounds rotated):
     code-edit   the default model (pybytes, 256 positions): small functions of the standard library's
@@ -20,13 +20,18 @@ Modes:
     wrong       a proposer whose every guess is wrong: what AdaptiveLength costs at acceptance 0
     ov-plain, ov-lookup   OpenVINO GenAI's LLMPipeline on the same checkpoint (models/peers/MODEL-ov-fp32,
                 `optimum-cli export openvino`), plain and with its prompt lookup (num_assistant_tokens 5,
-                max_ngram_size 3), the same token ids in, EOS ignored; run in .venv-peers
+                max_ngram_size 3), the same token ids in, EOS ignored; run in .venv-peers. The CPU plugin's
+                defaults for an fp32 model: bf16 compute, u8 KV cache
+    ov-f32-plain, ov-f32-lookup   the same with INFERENCE_PRECISION_HINT f32 and KV_CACHE_PRECISION f32:
+                the arithmetic of ours
     llamacpp-plain, llamacpp-lookup   llama.cpp's prompt-lookup example (`llama-lookup`, built by
                 scripts/setup_peers.sh) on the same checkpoint converted to GGUF f32 (models/peers/MODEL-f32.gguf,
                 convert_hf_to_gguf.py), 2 threads, greedy, EOS ignored, --spec-draft-n-max 5 (0: plain);
                 one process per prompt, timed by its own encode + decode clocks (model loading excluded);
                 the prompt goes in as text (its tokenizer, converted from ours)
-Counts generated tokens only; one untimed prompt first. JSON (--name, default speculative_cpu) under
+Counts generated tokens only; one untimed warm-up (the first prompt reversed) first; --passes N decodes the prompts N times in each
+process of ours (every pass timed, each giving the same outputs; the Engine's prefix cache is off, so
+no pass reuses a prompt), for workloads too short to time once; the peers run one pass. JSON (--name, default speculative_cpu) under
 benchmarks/out/ (benchmarks/results/ with --publish).
 """
 from __future__ import annotations
@@ -46,7 +51,7 @@ from .isolate import Case, emit, out_dir, run_rounds, spread
 
 MODELS = {"pybytes": "pybytes", "pycode": "models/pycode", "gpt2": "models/gpt2", "gpt2-int4": "models/gpt2-int4"}
 MODES = ("plain", "lookup", "engine", "wrong")
-OV_MODES = ("ov-plain", "ov-lookup")
+OV_MODES = ("ov-plain", "ov-lookup", "ov-f32-plain", "ov-f32-lookup")
 LLAMA_MODES = ("llamacpp-plain", "llamacpp-lookup")
 REPO = Path(__file__).resolve().parent.parent
 PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
@@ -106,19 +111,24 @@ def prompts_and_answers(tokenize, workload: str) -> tuple[list[np.ndarray], list
     return [np.array(tokenize(p), np.int64) for p, _ in pairs], [tokenize(w) for _, w in pairs]
 
 
-def timed(run, prompts, wants) -> tuple[int, float, int, list[list[int]]]:
-    """run(prompt, n) over every prompt after one untimed: (generated tokens, seconds, outputs beginning
-    with the expected text, outputs)."""
-    run(prompts[0], len(wants[0]))
-    tokens, seconds, copied, outputs = 0, 0.0, 0, []
-    for p, w in zip(prompts, wants):
-        t0 = time.perf_counter()
-        out = run(p, len(w))
-        seconds += time.perf_counter() - t0
-        tokens += len(out)
-        copied += out[:len(w)] == list(w)
-        outputs.append(out)
-    return tokens, seconds, copied, outputs
+def timed(run, prompts, wants, passes: int = 1) -> tuple[int, float, int, list[list[int]], bool]:
+    """run(prompt, n) over every prompt, `passes` times, after an untimed warm-up: (generated tokens,
+    seconds, outputs beginning with the expected text, the first pass's outputs, whether every pass gave
+    those outputs: not so where the kernels are not batch invariant and the guesses differ between passes)."""
+    run(prompts[0][::-1].copy(), 8)           # warm-up on ids no timed prompt starts with (OpenVINO's
+    tokens, seconds, first, same = 0, 0.0, None, True     # LLMPipeline reuses a prompt it has seen)
+    for _ in range(passes):
+        outputs = []
+        for p, w in zip(prompts, wants):
+            t0 = time.perf_counter()
+            out = run(p, len(w))
+            seconds += time.perf_counter() - t0
+            tokens += len(out)
+            outputs.append(out)
+        same = same and (first is None or outputs == first)
+        first = first or outputs
+    copied = sum(out[:len(w)] == list(w) for out, w in zip(first, wants))
+    return tokens, seconds, copied, first, same
 
 
 def ov_worker(a) -> None:
@@ -129,9 +139,10 @@ def ov_worker(a) -> None:
     folder = REPO / "kvcache_infer" / "models" / a.model if a.model == "pybytes" else REPO / MODELS[a.model]
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     prompts, wants = prompts_and_answers(lambda t: tok.encode(t).ids, a.workload)
-    lookup = a.mode == "ov-lookup"
+    lookup = a.mode.endswith("lookup")
+    strict = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"} if "-f32-" in a.mode else {}
     pipe = g.LLMPipeline(str(REPO / "models" / "peers" / f"{a.model}-ov-fp32"), "CPU",
-                         **({"prompt_lookup": True} if lookup else {}), INFERENCE_NUM_THREADS=a.threads)
+                         **({"prompt_lookup": True} if lookup else {}), INFERENCE_NUM_THREADS=a.threads, **strict)
 
     def run(p, n):
         cfg = g.GenerationConfig(max_new_tokens=n, ignore_eos=True, do_sample=False)
@@ -140,7 +151,7 @@ def ov_worker(a) -> None:
         ids = ov.Tensor(p[None].astype(np.int64))
         mask = ov.Tensor(np.ones_like(p[None], dtype=np.int64))
         return [int(t) for t in pipe.generate(g.TokenizedInputs(ids, mask), cfg).tokens[0]]
-    tokens, seconds, copied, outputs = timed(run, prompts, wants)
+    tokens, seconds, copied, outputs, _ = timed(run, prompts, wants)   # one pass: its pipeline may keep a prompt's prefix between calls
     none = {"speculative_steps": 0, "draft_tokens": 0, "accepted_tokens": 0, "acceptance_rate": 0.0,
             "tokens_per_speculative_step": 0.0}
     emit({"model": a.model, "workload": a.workload, "mode": a.mode, "tokens": tokens, "seconds": seconds,
@@ -228,7 +239,7 @@ def worker(a) -> None:
         wants = [[0] * 128 for _ in prompts]
     spec = {"plain": None, "lookup": "lookup", "engine": "lookup", "wrong": wrong_proposer(m.vocab_size)}[a.mode]
     if a.mode == "engine":
-        eng = Engine(model, max_sequences=1, max_seq_len=m.max_positions)
+        eng = Engine(model, max_sequences=1, max_seq_len=m.max_positions, prefix_cache=False)   # no prompt reused
         run = lambda p, n: eng.generate([p], n, speculative="lookup")[0]      # noqa: E731
     else:
         inf = KVCacheInferencer(model, max_seq_len=m.max_positions)
@@ -236,12 +247,12 @@ def worker(a) -> None:
         def run(p, n):
             inf.reset_cache()
             return inf.generate(p, n, speculative=spec)
-    tokens, seconds, copied, outputs = timed(run, prompts, wants)
+    tokens, seconds, copied, outputs, same = timed(run, prompts, wants, a.passes)
     stats = eng.speculation_stats if a.mode == "engine" else inf.speculation_stats
     emit({"model": a.model, "workload": a.workload, "mode": a.mode, "tokens": tokens, "seconds": seconds,
           "tokens_per_s": tokens / seconds, "prompts": len(prompts), "copied": copied, "speculation": stats,
           "outputs_hash": hashlib.sha1(json.dumps(outputs).encode()).hexdigest(),
-          "weights": m.weights or m.dtype, "environment": environment(a.threads)})
+          "weights": m.weights or m.dtype, "passes": a.passes, "passes_agree": same, "environment": environment(a.threads)})
 
 
 def serving_worker(a, model) -> None:
@@ -264,12 +275,15 @@ def serving_worker(a, model) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=["pybytes:code-edit", "gpt2:random", "gpt2-int4:random"],
-                    help="MODEL:WORKLOAD[:MODE,MODE...] (models: %s; modes: --modes by default)" % ", ".join(MODELS))
+                    help="MODEL:WORKLOAD[:MODE,MODE...[:PASSES]] (models: %s; modes: --modes by default; passes: "
+                         "--passes by default)" % ", ".join(MODELS))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + OV_MODES + LLAMA_MODES,
                     help="ov-* and llamacpp-* need `bash scripts/setup_peers.sh` and the model's OpenVINO IR / GGUF")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=4, help="random workload: prompts (default 4)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--passes", type=int, default=1,
+                    help="times each process of ours decodes the prompts (all timed); ov-* and llamacpp-* run one pass")
     ap.add_argument("--publish", action="store_true")
     ap.add_argument("--name", default="speculative_cpu", help="the JSON's file name (default speculative_cpu)")
     ap.add_argument("--worker", action="store_true")
@@ -281,12 +295,14 @@ def main(argv=None) -> None:
         return worker(a)
     cases = {}
     for c in a.cases:
-        model, workload, *only = c.split(":")
-        for mode in (only[0].split(",") if only else a.modes):
+        model, workload, *rest = c.split(":")
+        only = rest[0].split(",") if rest and rest[0] else a.modes
+        passes = int(rest[1]) if len(rest) > 1 else a.passes
+        for mode in only:
             if workload == "serving" and mode not in ("plain", "engine"):
                 continue
             args = ["--model", model, "--workload", workload, "--mode", mode, "--threads", str(a.threads),
-                    "--prompts", str(a.prompts)]
+                    "--prompts", str(a.prompts), "--passes", str(passes)]
             cases[f"{model} {workload} {mode}"] = Case(str(PEERS_PYTHON), "benchmarks.speculative", args) \
                 if mode in OV_MODES else args
     res = run_rounds("benchmarks.speculative", cases, a.rounds, timeout=1800)
@@ -299,7 +315,8 @@ def main(argv=None) -> None:
         s = spread([r["tokens_per_s"] for r in ok])
         r0 = ok[0]
         rows.append({"case": name, "model": r0["model"], "workload": r0["workload"], "mode": r0["mode"],
-                     "tokens_per_s": s, "prompts": r0["prompts"], "copied": r0["copied"],
+                     "tokens_per_s": s, "prompts": r0["prompts"], "passes": r0.get("passes", 1),
+                     "passes_agree": all(r.get("passes_agree", True) for r in ok), "copied": r0["copied"],
                      "speculation": r0["speculation"], "same_outputs_as_plain": None,
                      "outputs_hash": r0["outputs_hash"], "outputs_kind": r0.get("outputs_kind", "token ids")})
     for r in rows:

@@ -184,6 +184,18 @@ def test_adaptive_length_backs_off_and_probes():
         ks.append(k)
         a.update(k, 0)                                       # every draft rejected
     assert ks[0] > 1 and ks[-40:].count(0) >= 36 and 1 in ks[-40:]
+    c = AdaptiveLength(probe_every=4, max_wait=16)
+    ks = []
+    for _ in range(200):
+        ks.append(c.length())
+        c.update(ks[-1], 0)
+    probes = [i for i, k in enumerate(ks) if k == 1]
+    gaps = [j - i for i, j in zip(probes, probes[1:])]
+    assert gaps[0] == 8 and gaps[1] == 16 and set(gaps[2:]) == {16}     # each rejected probe doubles the wait
+    while c.length() != 1:
+        pass
+    c.update(1, 1)                                       # a kept probe: back to a probe every 4 steps at most
+    assert any(c.length() for _ in range(4))
     b = AdaptiveLength()
     for _ in range(20):
         k = b.length()

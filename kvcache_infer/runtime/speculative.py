@@ -178,20 +178,23 @@ class AdaptiveLength:
     rate: a running estimate of the chance that a draft is kept given the one before it was (each
     step: kept drafts are successes, the first rejected one a failure). k is the expected run of kept
     drafts plus one, at most max_k; below min_rate a proposal costs more than it brings, so k is 0
-    except every probe_every-th step (k = 1), which lets the rate recover when the text turns
-    copyable."""
+    except for a probe (k = 1) after probe_every steps, which lets the rate recover when the text
+    turns copyable; each rejected probe doubles the wait (up to max_wait), a kept one resets it, so
+    text that never copies costs a probe every max_wait steps."""
 
     def __init__(self, max_k: int = MAX_DRAFTS, min_rate: float = 0.3, probe_every: int = 16, decay: float = 0.7,
-                 prior: float = 0.6):
+                 prior: float = 0.6, max_wait: int = 128):
         self.max_k, self.min_rate, self.probe_every, self.decay = max_k, min_rate, probe_every, decay
-        self.rate, self._idle = prior, 0
+        self.max_wait = max(max_wait, probe_every)
+        self.rate, self._idle, self._wait, self._probing = prior, 0, probe_every, False
 
     def length(self) -> int:
+        self._probing = False
         if self.rate < self.min_rate:
             self._idle += 1
-            if self._idle < self.probe_every:
+            if self._idle < self._wait:
                 return 0
-            self._idle = 0
+            self._idle, self._probing = 0, True
             return 1
         run = self.rate / (1.0 - self.rate) if self.rate < 1 else float(self.max_k)
         return int(min(self.max_k, max(1, math.ceil(run) + 1)))
@@ -200,6 +203,8 @@ class AdaptiveLength:
         if proposed:
             trials = kept + (kept < proposed)
             self.rate = self.decay * self.rate + (1 - self.decay) * kept / trials
+            if self._probing:
+                self._wait = self.probe_every if kept else min(2 * self._wait, self.max_wait)
 
 
 class SpeculationTotals:
