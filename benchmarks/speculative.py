@@ -29,7 +29,7 @@ Modes:
                 convert_hf_to_gguf.py), 2 threads, greedy, EOS ignored, --spec-draft-n-max 5 (0: plain);
                 one process per prompt, timed by its own encode + decode clocks (model loading excluded);
                 the prompt goes in as text (its tokenizer, converted from ours)
-Counts generated tokens only; one untimed warm-up (the first prompt reversed) first; --passes N decodes the prompts N times in each
+Counts generated tokens only; one untimed warm-up (the first prompt reversed; ours without guesses) first; --passes N decodes the prompts N times in each
 process of ours (every pass timed, each giving the same outputs; the Engine's prefix cache is off, so
 no pass reuses a prompt), for workloads too short to time once; the peers run one pass. JSON (--name, default speculative_cpu) under
 benchmarks/out/ (benchmarks/results/ with --publish).
@@ -111,11 +111,12 @@ def prompts_and_answers(tokenize, workload: str) -> tuple[list[np.ndarray], list
     return [np.array(tokenize(p), np.int64) for p, _ in pairs], [tokenize(w) for _, w in pairs]
 
 
-def timed(run, prompts, wants, passes: int = 1) -> tuple[int, float, int, list[list[int]], bool]:
-    """run(prompt, n) over every prompt, `passes` times, after an untimed warm-up: (generated tokens,
+def timed(run, prompts, wants, passes: int = 1, warm=None) -> tuple[int, float, int, list[list[int]], bool]:
+    """run(prompt, n) over every prompt, `passes` times, after an untimed warm-up (warm(prompt, n), default
+    run; ours warm up without guesses, so the running acceptance starts from its prior): (generated tokens,
     seconds, outputs beginning with the expected text, the first pass's outputs, whether every pass gave
     those outputs: not so where the kernels are not batch invariant and the guesses differ between passes)."""
-    run(prompts[0][::-1].copy(), 8)           # warm-up on ids no timed prompt starts with (OpenVINO's
+    (warm or run)(prompts[0][::-1].copy(), 8)   # warm-up on ids no timed prompt starts with (OpenVINO's
     tokens, seconds, first, same = 0, 0.0, None, True     # LLMPipeline reuses a prompt it has seen)
     for _ in range(passes):
         outputs = []
@@ -241,13 +242,15 @@ def worker(a) -> None:
     if a.mode == "engine":
         eng = Engine(model, max_sequences=1, max_seq_len=m.max_positions, prefix_cache=False)   # no prompt reused
         run = lambda p, n: eng.generate([p], n, speculative="lookup")[0]      # noqa: E731
+        warm = lambda p, n: eng.generate([p], n, speculative=False)[0]        # noqa: E731
     else:
         inf = KVCacheInferencer(model, max_seq_len=m.max_positions)
 
-        def run(p, n):
+        def run(p, n, guesses=True):
             inf.reset_cache()
-            return inf.generate(p, n, speculative=spec)
-    tokens, seconds, copied, outputs, same = timed(run, prompts, wants, a.passes)
+            return inf.generate(p, n, speculative=spec if guesses else None)
+        warm = lambda p, n: run(p, n, guesses=False)                          # noqa: E731
+    tokens, seconds, copied, outputs, same = timed(run, prompts, wants, a.passes, warm)
     stats = eng.speculation_stats if a.mode == "engine" else inf.speculation_stats
     emit({"model": a.model, "workload": a.workload, "mode": a.mode, "tokens": tokens, "seconds": seconds,
           "tokens_per_s": tokens / seconds, "prompts": len(prompts), "copied": copied, "speculation": stats,
