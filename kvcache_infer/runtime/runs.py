@@ -37,6 +37,10 @@ MAX_PICK_ROWS = 2
 # with verifications of 2 .. MAX_DRAFTS + 1 tokens; rebinding ~20 inputs costs ~0.06 ms a run.
 IO_BINDINGS = 12
 
+# A greedy lockstep run that wants every position's token (verifying guesses) picks them through the
+# filtered head when it has at most this many tokens.
+MAX_VERIFY_PICKS = 9
+
 
 def run_bound(model: Model, io: ort.IOBinding, what: str) -> None:
     try:
@@ -193,7 +197,8 @@ class PackedRun(BoundRun):
         # G = 0 in runs that want logits).
         # G rows; G = 0 in runs that want logits, and in every run when the load-time check set the filter
         # aside (model.greedy_pick). The int8 node's probe rows are bound empty.
-        self._greedy = (HostArray(max(rows, 2), np.int64), HostArray(max(rows, 2), np.int64)) if m.greedy_index else None
+        G = max(rows, 2, MAX_VERIFY_PICKS)
+        self._greedy = (HostArray(G, np.int64), HostArray(G, np.int64)) if m.greedy_index else None
         self.picks = model.greedy_pick.filtered
         self._no_probe = HostArray(1, np.float32) if m.greedy_probe else None
         self._arange = np.arange(max(self.max_tokens, C + max_chunk), dtype=np.int64)   # positions, indices
@@ -268,9 +273,9 @@ class PackedRun(BoundRun):
     def lockstep(self, ids: np.ndarray, greedy: bool, all_positions: bool = False, head: bool = True) -> np.ndarray:
         B, n = ids.shape
         T, P = B * n, self.cache.offset
-        pick = head and greedy and self.picks and not all_positions and B <= MAX_PICK_ROWS  # no logits rows
-        R = 0 if not head else T if all_positions else 0 if pick else B
-        G = B if pick else 0
+        pick = head and greedy and self.picks and B <= MAX_PICK_ROWS and (not all_positions or T <= MAX_VERIFY_PICKS)
+        R = 0 if not head or pick else T if all_positions else B        # logits rows (none when picking)
+        G = (T if all_positions else B) if pick else 0
         if n > self.max_chunk:
             raise KVCacheError(f"a chunk of {n} tokens is longer than this run's max_chunk={self.max_chunk}")
         if self._lockstep != (B, n, all_positions, pick, head):
@@ -281,7 +286,7 @@ class PackedRun(BoundRun):
             cells[..., 1] = ar[:n]
             last = ar[n - 1:T:n]                                        # each row's last token
             if pick:
-                self._greedy[0].array[:G] = last
+                self._greedy[0].array[:G] = ar[:T] if all_positions else last
             elif head:
                 self._keep.array[:R] = ar[:T] if all_positions else last
             self._q_len.array[:B] = n
