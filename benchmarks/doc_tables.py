@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 from .report import VARIANTS, cell, results_md
@@ -200,16 +201,27 @@ SPEC_MODES = {"plain": "plain decoding (KVCacheInferencer.generate)", "lookup": 
               "serving plain": "Engine, 16 slots, plain", "serving engine": "Engine, 16 slots, prompt lookup"}
 
 
+def _paired(raw: dict, case: str, plain: str) -> str:
+    """Each round's tokens/s over plain decoding's in the same round (rounds rotate the order, so a
+    slow stretch of the host hits both): median (min-max)."""
+    r = [x["tokens_per_s"] / p["tokens_per_s"] for x, p in zip(raw.get(case, []), raw.get(plain, []))
+         if "failed" not in x and "failed" not in p]
+    return f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})" if r else "-"
+
+
 def _speculative(name: str = "speculative_cpu") -> str:
     r = _load(name)
-    lines = ["| model / workload | decoding | tokens/s | x plain | guesses kept | tokens per verifying step | "
-             "greedy tokens equal plain | outputs beginning with the expected text |", "|---" * 8 + "|"]
+    lines = ["| model / workload | decoding | tokens/s | x plain | x plain, same round | guesses kept | "
+             "tokens per verifying step | greedy tokens equal plain | outputs beginning with the expected text |",
+             "|---" * 9 + "|"]
     for row in r["rows"]:
         sp = row["speculation"]
         verified = sp["speculative_steps"] > 0
         mode = SPEC_MODES.get(f"{row['workload']} {row['mode']}", SPEC_MODES.get(row["mode"], row["mode"]))
+        plain = f"{row['model']} {row['workload']} plain"
         lines.append(f"| {row['model']} / {row['workload']} | {mode} | "
                      f"{_r(row['tokens_per_s'])} | {row.get('speedup', float('nan')):.2f} | "
+                     + (f"{_paired(r['raw'], row['case'], plain)} | " if row["mode"] != "plain" else "1.00 | ")
                      + (f"{100 * sp['acceptance_rate']:.0f}% | {sp['tokens_per_speculative_step']:.2f} | "
                         if verified else "- | - | ")
                      + (f"{row['requests_equal_plain']} of {row['prompts']} requests | " if "requests_equal_plain" in row
