@@ -151,15 +151,15 @@ class KVCacheInferencer:
             yield int(seq[L - 1])
             while int(seq[L - 1]) not in stop and L - P < max_new_tokens:
                 k = spec.next_length(max_new_tokens - (L - P) - 1)
-                drafts = spec.propose(seq[:L], k) if k else ()
+                drafts = _drafts(spec.propose(seq[:L], k), k) if k else ()
                 if not len(drafts):
                     new = [int(step(seq[L - 1:L]))]
                 else:
                     feed = np.concatenate([seq[L - 1:L], drafts])[None]         # [1, 1 + k]
                     with self._enter("stream"):
                         self._check_ids(feed)
-                        out = self._run(feed, sampler.greedy, all_positions=True)     # [n] tokens or [1, n, V]
-                        new = accept(drafts, out, None, sampler) if sampler.greedy else \
+                        out = self._run(feed, sampler.greedy, all_positions=True)     # [(1,) n] tokens or [1, n, V]
+                        new = accept(drafts, out.reshape(-1), None, sampler) if sampler.greedy else \
                             accept(drafts, None, out[0], sampler)
                         self.cache.truncate(self.position - (len(drafts) + 1 - len(new)))   # rejected rows
                     spec.verified(len(drafts), len(new) - 1)
@@ -321,3 +321,13 @@ class _Release:
     def __exit__(self, *exc):
         self.lock.release()
         return False
+
+
+def _drafts(drafts, k: int) -> np.ndarray:
+    """A proposer's guesses as int64, at most k (its contract: "up to k"); ids of another integer type
+    are taken as they are, anything else is refused (range is checked with the run's ids)."""
+    a = np.asarray(drafts)
+    if a.size and (a.ndim != 1 or a.dtype.kind not in "iu"):
+        raise InvalidInputError(f"a proposer's guesses must be a 1-D sequence of integer token ids; got dtype "
+                                f"{a.dtype}, shape {a.shape}")
+    return a[:k].astype(np.int64)

@@ -213,6 +213,47 @@ def test_bad_speculative_arguments(exported, tmp_path):
         inf.generate([1, 2, 3], 5, speculative=f"draft:{exported['tiny-b']}")
 
 
+class Given(Proposer, Drafter):
+    """Proposes what `make(reference continuation, k)` returns: guesses of other types and lengths."""
+
+    def __init__(self, reference: list[int], prompt_len: int, make):
+        self.ref, self.p, self.make = reference, prompt_len, make
+
+    def drafter(self):
+        return self
+
+    def propose(self, tokens, k):
+        done = len(tokens) - self.p
+        return self.make(self.ref[done:done + 3 * k + 5], k)
+
+
+def test_guesses_of_other_types_and_too_many_guesses(exported, rng):
+    """A proposer's guesses as a list, as uint64 or int32, or more than k of them: the tokens plain
+    decoding gives; float guesses are refused before a run, the cache as plain decoding leaves it."""
+    inf = KVCacheInferencer(exported["tiny-a"])
+    prompt = _repetitive(rng, 1000)
+    plain = inf.generate(prompt, 12)
+    for make in (lambda r, k: list(r[:k]), lambda r, k: np.array(r[:k], np.uint64),
+                 lambda r, k: np.array(r[:k], np.int32), lambda r, k: np.array(r, np.int64)):
+        inf.reset_cache()
+        assert inf.generate(prompt, 12, speculative=Given(plain, len(prompt), make)) == plain
+        assert inf.position == len(prompt) + 11
+    inf.reset_cache()
+    with pytest.raises(InvalidInputError, match="integer token ids"):
+        inf.generate(prompt, 12, speculative=Given(plain, len(prompt), lambda r, k: np.array(r[:k], np.float64)))
+    assert inf.position == len(prompt)       # the prompt; the one token yielded is not fed yet, as plain decoding holds it
+    assert list(PromptLookup().propose([5, 6, 7, 5, 6], 2)) == [7, 5]     # a list of ids works too
+
+
+def test_speculation_on_an_optimum_export_equals_plain_greedy(optimum_dir, rng):
+    """Graphs of the growing layout (PaddedRun) verify guesses too: [1, n] greedy tokens per run."""
+    inf = KVCacheInferencer(optimum_dir)
+    prompt = _repetitive(rng, 1000)
+    plain = inf.generate(prompt, 16)
+    inf.reset_cache()
+    assert inf.generate(prompt, 16, speculative=Corrupted(plain, len(prompt), 3, 1000)) == plain
+
+
 def test_inferencer_sampling_with_drafts_keeps_length_and_position(exported, rng):
     inf = KVCacheInferencer(exported["tiny-a"])
     prompt = _repetitive(rng, 1000)

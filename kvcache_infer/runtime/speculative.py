@@ -84,6 +84,7 @@ class PromptLookup(Proposer, Drafter):
         return self
 
     def propose(self, tokens: np.ndarray, k: int) -> np.ndarray:
+        tokens = np.asarray(tokens)
         L = len(tokens)
         found = None                                      # (n, ends): the longest n-gram's earlier occurrences
         match = None                                      # match[e - n + 1]: tokens[e-n+1 .. e] == the last n
