@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from .common import environment, session_options
-from .isolate import emit, out_dir, run_rounds, spread
+from .isolate import emit, out_dir, run_rounds, spread, succeeded
 
 FORMS = ("fp32", "fp16", "int8-channel", "int8-tensor", "int4-channel")
 LAYERS, HEADS, HEAD_DIM, CAPACITY, GRID = 12, 12, 64, 512, 2
@@ -133,11 +133,7 @@ def main(argv=None) -> None:
               "--warmup", str(a.warmup), "--repeats", str(a.repeats)]
     res = run_rounds("benchmarks.attention_kernels", {f: ["--form", f, *common] for f in a.forms}, a.rounds)
     rows = []
-    for form, runs in res.items():
-        ok = [r for r in runs if "failed" not in r]
-        if not ok:
-            print(f"{form}: did not run: {runs[0]['failed']}")
-            continue
+    for form, ok in succeeded(res):
         for i, length in enumerate(a.lengths):
             s = spread([r["cells"][i]["median_ms"] for r in ok])
             read = ok[0]["cells"][i]["cache_bytes_read"]

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from .common import environment, session_options
-from .isolate import emit, out_dir, run_rounds
+from .isolate import emit, out_dir, run_rounds, succeeded
 
 FORMS = ("fp32", "dqmm", "w8a8-row", "mnb8-128", "mnb8-32", "mnb4-128", "mnb4-32")
 SHAPES = ("768x2304", "768x768", "768x3072", "3072x768", "768x50257")
@@ -115,11 +115,7 @@ def main(argv=None) -> None:
     cases = {f"{f} {s}": ["gemm", "--form", f, "--shape", s, *common] for s in a.shapes for f in a.forms}
     res = run_rounds("benchmarks.gemm_kernels", cases, a.rounds, timeout=600)
     rows = []
-    for name, runs in res.items():
-        ok = [r for r in runs if "failed" not in r]
-        if not ok:
-            print(f"{name}: failed: {runs[0]['failed']}")
-            continue
+    for name, ok in succeeded(res):
         for i, M in enumerate(a.m):
             med = float(np.median([r["cells"][i]["median_ms"] for r in ok]))
             K, N = map(int, ok[0]["shape"].split("x"))

@@ -104,6 +104,17 @@ def run_rounds(module: str, cases: dict[str, list[str] | Case], rounds: int, tim
     return out
 
 
+def succeeded(res: dict[str, list[dict]]):
+    """(name, the rounds that ran) for each case of run_rounds' result that ran at least once; says
+    which cases did not run, and why."""
+    for name, runs in res.items():
+        ok = [r for r in runs if "failed" not in r]
+        if ok:
+            yield name, ok
+        else:
+            print(f"{name}: did not run: {runs[0]['failed']}")
+
+
 def _spec(case: list[str] | Case) -> list:
     return [case.python, case.module, *case.args] if isinstance(case, Case) else list(case)
 

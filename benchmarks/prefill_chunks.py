@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import environment
-from .isolate import emit, out_dir, run_rounds, spread
+from .isolate import emit, out_dir, run_rounds, spread, succeeded
 
 
 def worker(a) -> None:
@@ -56,11 +56,7 @@ def main(argv=None) -> None:
              for m in a.model for c in a.chunks}
     res = run_rounds("benchmarks.prefill_chunks", cases, a.rounds, timeout=600)
     rows = []
-    for name, runs in res.items():
-        ok = [r for r in runs if "failed" not in r]
-        if not ok:
-            print(f"{name}: did not run: {runs[0]['failed']}")
-            continue
+    for name, ok in succeeded(res):
         s = spread([r["ms"] for r in ok])
         rows.append({"case": name, "model": ok[0]["model"], "chunk": ok[0]["chunk"], "prompt": a.prompt, **s})
         print(f"{name:>36}: first token of {a.prompt} tokens {s['median']:7.1f} ms ({s['min']:.1f}-{s['max']:.1f})")

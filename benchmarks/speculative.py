@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import environment
-from .isolate import Case, emit, out_dir, run_rounds, spread
+from .isolate import Case, emit, out_dir, run_rounds, spread, succeeded
 
 MODELS = {"pybytes": "pybytes", "pycode": "models/pycode", "gpt2": "models/gpt2", "gpt2-int4": "models/gpt2-int4"}
 MODES = ("plain", "lookup", "engine", "wrong")
@@ -310,11 +310,7 @@ def main(argv=None) -> None:
                 if mode in OV_MODES else args
     res = run_rounds("benchmarks.speculative", cases, a.rounds, timeout=1800)
     rows = []
-    for name, runs in res.items():
-        ok = [r for r in runs if "failed" not in r]
-        if not ok:
-            print(f"{name}: did not run: {runs[0]['failed']}")
-            continue
+    for name, ok in succeeded(res):
         s = spread([r["tokens_per_s"] for r in ok])
         r0 = ok[0]
         rows.append({"case": name, "model": r0["model"], "workload": r0["workload"], "mode": r0["mode"],
